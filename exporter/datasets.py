@@ -1,0 +1,116 @@
+"""Labeled images as in-memory tensors at the model's input size.
+
+Images go through :func:`heartbatch.pixels.preprocess`, the runtime's one
+preprocessing implementation.  Every sample also gets two soft masks (heart,
+lungs) at the same size: the real masks where the data set has them, filled
+boxes otherwise.  Augmentation warps image and masks together and recomputes
+the boxes from the warped masks, so labels stay exact under rotation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heartbatch.images import load_image
+from heartbatch.labels import LabeledImage
+from heartbatch.pixels import preprocess, resize
+
+
+@dataclass
+class TensorDataset:
+    images: torch.Tensor      # [N, 1, S, S] in [0, 1]
+    masks: torch.Tensor       # [N, 2, S, S] soft coverage: heart, lungs
+    boxes: torch.Tensor       # [N, 8] normalized; thorax NaN when unknown
+    real_masks: torch.Tensor  # [N] bool: masks are segmentations, not filled boxes
+    expert_ctr: torch.Tensor  # [N], NaN when unknown
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, index: list[int]) -> "TensorDataset":
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return TensorDataset(self.images[idx], self.masks[idx], self.boxes[idx],
+                             self.real_masks[idx], self.expert_ctr[idx],
+                             [self.keys[i] for i in index])
+
+
+def _coverage(lo: float, hi: float, size: int) -> np.ndarray:
+    """Fraction of each of ``size`` unit cells covered by the interval [lo, hi)."""
+    edges = np.arange(size, dtype=np.float64)
+    return np.clip(np.minimum(edges + 1, hi) - np.maximum(edges, lo), 0.0, 1.0)
+
+
+def box_mask(box, size: int) -> np.ndarray:
+    """A filled normalized box as a soft ``size x size`` mask (exact edge coverage)."""
+    if not np.all(np.isfinite(box)):
+        return np.zeros((size, size), dtype=np.float32)
+    x0, y0, x1, y1 = (float(v) * size for v in box)
+    return np.outer(_coverage(y0, y1, size), _coverage(x0, x1, size)).astype(np.float32)
+
+
+def _soft_mask(path: Path, size: int) -> np.ndarray:
+    return np.clip(resize(load_image(path) / 255.0, size), 0.0, 1.0)
+
+
+def _sample_masks(item: LabeledImage, size: int) -> tuple[np.ndarray, bool]:
+    paths = item.mask_paths
+    if paths.get("heart") and paths.get("left_lung") and paths.get("right_lung"):
+        heart = _soft_mask(paths["heart"], size)
+        lungs = np.maximum(_soft_mask(paths["left_lung"], size), _soft_mask(paths["right_lung"], size))
+        return np.stack([heart, lungs]), True
+    return np.stack([box_mask(item.heart, size), box_mask(item.thorax, size)]), False
+
+
+def build_dataset(items: list[LabeledImage], size: int, progress=None) -> TensorDataset:
+    images, masks, real = [], [], []
+    for item in items:
+        images.append(preprocess(load_image(item.image_path), size))
+        m, is_real = _sample_masks(item, size)
+        masks.append(m)
+        real.append(is_real)
+        if progress is not None:
+            progress()
+    return TensorDataset(
+        images=torch.from_numpy(np.stack(images))[:, None],
+        masks=torch.from_numpy(np.stack(masks)),
+        boxes=torch.tensor(np.stack([item.boxes for item in items]), dtype=torch.float32),
+        real_masks=torch.tensor(real),
+        expert_ctr=torch.tensor([item.expert_ctr for item in items], dtype=torch.float32),
+        keys=[item.key for item in items],
+    )
+
+
+def split_keys(keys: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Seeded split, stratified by source folder so each source is in validation."""
+    rng = random.Random(seed)
+    groups: dict[str, list[str]] = {}
+    for key in sorted(keys):
+        groups.setdefault(key.rsplit("/", 1)[0] if "/" in key else "", []).append(key)
+    train, val = [], []
+    for members in groups.values():
+        rng.shuffle(members)
+        n_val = round(len(members) * val_fraction)
+        val += members[:n_val]
+        train += members[n_val:]
+    return {"seed": seed, "val_fraction": val_fraction, "train": sorted(train), "val": sorted(val)}
+
+
+def load_or_make_split(path: Path, keys: list[str], val_fraction: float, seed: int) -> dict:
+    """The persisted split if present (so resumed and repeated runs agree), else a new one."""
+    if path.is_file():
+        split = json.loads(path.read_text())
+        unknown = set(split["train"] + split["val"]) - set(keys)
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} split entries are not in the data "
+                             f"(e.g. {sorted(unknown)[0]}); use a new --out or delete the split")
+        return split
+    split = split_keys(keys, val_fraction, seed)
+    path.write_text(json.dumps(split, indent=1))
+    return split

@@ -1,0 +1,76 @@
+"""ResNet18 box regressor with a spatial head.
+
+A plain pooled ResNet18 regressor loses where things are; here a small
+feature pyramid brings layer4 context down to stride 8, and each of the 8
+box coordinates is read from its own heatmap by soft-argmax (the expected x
+or y under a softmax over positions).  During training a second 1x1 head
+predicts heart and lung masks from the same features (dense supervision);
+it is not part of the exported graph.  Input normalization is a buffer of
+the module, so the ONNX graph carries it and the runtime never repeats it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+
+COORDS = 8  # heart x0 y0 x1 y1, thorax x0 y0 x1 y1
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class HeartBoxNet(nn.Module):
+    def __init__(self, outputs: int = COORDS, mean: float = 0.5, std: float = 0.25,
+                 width: int = 128, imagenet_weights: Path | None = None):
+        super().__init__()
+        backbone = resnet18(weights=None)
+        if imagenet_weights is not None:
+            backbone.load_state_dict(torch.load(imagenet_weights, map_location="cpu"))
+        rgb = backbone.conv1.weight.data
+        backbone.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+        if imagenet_weights is not None:  # greyscale = sum of the RGB filters
+            backbone.conv1.weight.data = rgb.sum(1, keepdim=True)
+        self.stem = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool)
+        self.layer1, self.layer2 = backbone.layer1, backbone.layer2
+        self.layer3, self.layer4 = backbone.layer3, backbone.layer4
+        self.lateral = nn.ModuleList([nn.Conv2d(c, width, 1) for c in (128, 256, 512)])
+        self.fuse = nn.Sequential(_conv_bn(width, width), _conv_bn(width, width))
+        self.heatmaps = nn.Conv2d(width, outputs, 1)
+        self.segment = nn.Conv2d(width, 2, 1)
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+        self.outputs = outputs
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        c2 = self.layer2(self.layer1(self.stem(x)))
+        c3 = self.layer3(c2)
+        c4 = self.layer4(c3)
+        p = self.lateral[2](c4)
+        p = self.lateral[1](c3) + F.interpolate(p, size=c3.shape[-2:], mode="nearest")
+        p = self.lateral[0](c2) + F.interpolate(p, size=c2.shape[-2:], mode="nearest")
+        return self.fuse(p)
+
+    def soft_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = logits.shape
+        prob = torch.softmax(logits.reshape(n, c, h * w), -1).reshape(n, c, h, w)
+        xs = (torch.arange(w, dtype=logits.dtype, device=logits.device) + 0.5) / w
+        ys = (torch.arange(h, dtype=logits.dtype, device=logits.device) + 0.5) / h
+        ex = (prob.sum(2) * xs).sum(-1)
+        ey = (prob.sum(3) * ys).sum(-1)
+        is_x = (torch.arange(c, device=logits.device) % 2 == 0).to(logits.dtype)
+        return ex * is_x + ey * (1 - is_x)
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return self.soft_argmax(self.heatmaps(f)), self.segment(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.soft_argmax(self.heatmaps(self.features(x)))

@@ -1,0 +1,156 @@
+"""`heartbatch-train`: train the heart/thorax box regressor.
+
+    heartbatch-train --data ../shared/data/cxr-ctr --out runs/default
+
+Writes to --out: ``split.json`` (the persisted train/validation split),
+``metrics.jsonl`` (one line per epoch), ``last.pt`` (resume point) and
+``best.pt`` (best validation score), all reproducible from the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import heartbatch
+from heartbatch.labels import LabelError, load_labels
+
+from .augment import AugmentConfig
+from .datasets import build_dataset, load_or_make_split
+from .engine import evaluate, train_one_epoch
+from .net import HeartBoxNet
+
+CHECKPOINT_FORMAT = "heartbatch-checkpoint/1"
+
+
+def code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"heartbatch {heartbatch.__version__}" + (f" ({rev})" if rev else "")
+
+
+def score(metrics: dict) -> float:
+    """Lower is better: heart error first, thorax and CTR close behind."""
+    value = metrics["heart_mae_px224"]
+    if math.isfinite(metrics.get("thorax_mae_px224", math.nan)):
+        value += 0.5 * metrics["thorax_mae_px224"] + 100 * metrics["ctr_mae"]
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="heartbatch-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="cxr-ctr style folder, image folder, or box CSV")
+    p.add_argument("--labels", help="label CSV (original project's format or a box CSV) for --data")
+    p.add_argument("--out", required=True, type=Path, help="run folder (created)")
+    p.add_argument("--size", type=int, default=224, help="input size S, 224 or larger (default 224)")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--imagenet-weights", type=Path,
+                   help="local torchvision resnet18 ImageNet state dict (optional; default: from scratch)")
+    p.add_argument("--resume", type=Path, help="checkpoint to continue from (e.g. runs/NAME/last.pt)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: all cores)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=True)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    try:
+        items = load_labels(args.data, args.labels)
+    except (LabelError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    split = load_or_make_split(args.out / "split.json", [i.key for i in items], args.val_fraction, args.seed)
+    by_key = {i.key: i for i in items}
+    with Progress(TextColumn("loading images"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+        task = bar.add_task("load", total=len(items))
+        train_data = build_dataset([by_key[k] for k in split["train"]], args.size,
+                                   lambda: bar.advance(task))
+        val_data = build_dataset([by_key[k] for k in split["val"]], args.size, lambda: bar.advance(task))
+    console.print(f"{len(train_data)} training, {len(val_data)} validation images at {args.size}px on {device}")
+
+    mean, std = train_data.images.mean().item(), train_data.images.std().item()
+    model = HeartBoxNet(mean=mean, std=std, imagenet_weights=args.imagenet_weights).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = sum(1 for s in range(0, len(train_data), args.batch_size)
+                          if len(train_data) - s >= 2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.05,
+                                                    total_steps=args.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(args.seed)
+    start_epoch, best = 0, math.inf
+    if args.resume:
+        state = torch.load(args.resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        start_epoch, best = state["epoch"] + 1, state["best_score"]
+        console.print(f"resumed from {args.resume} at epoch {start_epoch}")
+
+    config = {"size": args.size, "outputs": 8, "mean": mean, "std": std, "arch": "resnet18-fpn-softargmax",
+              "data": str(args.data), "labels": args.labels, "seed": args.seed, "epochs": args.epochs,
+              "batch_size": args.batch_size, "lr": args.lr, "augment": not args.no_augment,
+              "train_images": len(train_data), "val_images": len(val_data),
+              "imagenet_init": args.imagenet_weights is not None, "code_version": code_version()}
+    augment = None if args.no_augment else AugmentConfig()
+    started = time.monotonic()
+    log = open(args.out / "metrics.jsonl", "a")
+    with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        for epoch in range(start_epoch, args.epochs):
+            task = bar.add_task("train", total=steps_per_epoch, epoch=epoch + 1)
+            losses = train_one_epoch(model, train_data, optimizer, scheduler, gen, args.batch_size,
+                                     device, augment, on_step=lambda: bar.advance(task))
+            bar.remove_task(task)
+            metrics = evaluate(model, val_data, args.batch_size, device)
+            current = score(metrics)
+            record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - started, 1),
+                      "lr": scheduler.get_last_lr()[0], **losses, "val": metrics, "score": current}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            console.print(
+                f"epoch {epoch + 1:3d}  loss {losses['loss']:.3f}  heart IoU {metrics['heart_iou_mean']:.3f}"
+                f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
+                f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f}"
+                f"  agree {metrics.get('ctr_agreement', {}).get('accuracy', math.nan):.3f}")
+            state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+                     "epoch": epoch, "metrics": metrics, "best_score": min(best, current),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "generator": gen.get_state(), "split": split,
+                     "train_seconds": time.monotonic() - started}
+            if current < best:
+                best = current
+                torch.save(state, args.out / "best.pt")
+            torch.save(state, args.out / "last.pt")
+    console.print(f"done: best score {best:.3f}; checkpoints in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

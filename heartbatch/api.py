@@ -1,0 +1,45 @@
+"""Python API for notebooks: the same pipeline as `heartbatch run`, without a report.
+
+    >>> import heartbatch
+    >>> r = heartbatch.predict("study/image.dcm")
+    >>> r.status, r.ctr, r.heart, r.header.view_position
+    >>> for r in heartbatch.predict_folder("studies/"):
+    ...     print(r.path, r.ctr)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from .model import BoxModel
+from .pipeline import RunOptions, Runner
+from .records import Record
+from .scan import scan
+
+
+@lru_cache(maxsize=4)
+def _cached_model(path: str | None) -> BoxModel:
+    return BoxModel(path)
+
+
+def load_model(model: str | Path | BoxModel | None = None) -> BoxModel:
+    """A BoxModel from a path (default: the shipped model); sessions are reused."""
+    if isinstance(model, BoxModel):
+        return model
+    return _cached_model(str(model) if model is not None else None)
+
+
+def predict(path: str | Path, model: str | Path | BoxModel | None = None, threshold: float = 0.5) -> Record:
+    """Measure one file.  Always returns a Record; check ``.status`` and ``.reason``."""
+    runner = Runner(load_model(model), RunOptions(workers=0, threshold=threshold, batch_size=1))
+    return next(iter(runner.process([path])))[0]
+
+
+def predict_folder(folder: str | Path, model: str | Path | BoxModel | None = None, threshold: float = 0.5,
+                   batch_size: int = 16, workers: int | None = None) -> Iterator[Record]:
+    """Measure every file under ``folder`` (recursively), yielding records as they are ready."""
+    runner = Runner(load_model(model), RunOptions(batch_size=batch_size, workers=workers, threshold=threshold))
+    for records in runner.process(scan([folder])):
+        yield from records

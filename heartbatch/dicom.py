@@ -1,0 +1,349 @@
+"""Reading DICOM files: header fields, candidate checks, and decoded display pixels.
+
+Reading is separate from pixel handling (as in pydicom): :func:`read_header`
+parses the file with the pixel data deferred, so a lateral view or a CT slice
+is rejected without decoding it; :func:`decode` turns a candidate's pixel data
+into a display-oriented float image (modality LUT, VOI LUT/window,
+MONOCHROME1 inversion).  Problems are raised as :class:`Skipped` (not an
+image we measure) or :class:`ReadError` (should have worked but did not),
+each with a reason a user can act on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+MAX_PIXELS = 20000 * 20000
+MIN_SIDE = 64
+
+# SOP classes of projection radiographs (CR, DX for presentation/processing)
+# and of secondary captures, which we accept when nothing says otherwise.
+CR_DX_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1",        # CR Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",      # Digital X-Ray, For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",    # Digital X-Ray, For Processing
+}
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+PROJECTION_MODALITIES = {"CR", "DX"}
+SC_MODALITIES = {"", "OT", "SC", "CR", "DX"}
+CHEST_WORDS = ("CHEST", "THORAX", "THORAC", "TORAX", "LUNG", "HEART", "CARDIAC", "THX", "CXR")
+LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LDEC", "RDEC"}
+LATERAL_TEXT = re.compile(r"\b(LAT|LATERAL|LL|RL)\b", re.IGNORECASE)
+
+# Fastest first, measured per transfer syntax (Pillow decodes JPEG Baseline
+# several times faster than pylibjpeg); later entries are fallbacks.
+DECODER_PREFERENCE = {
+    "1.2.840.10008.1.2.4.50": ("pillow", "pylibjpeg"),     # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": ("pylibjpeg", "pillow"),     # JPEG Extended
+    "1.2.840.10008.1.2.4.90": ("pylibjpeg", "pillow"),     # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": ("pylibjpeg", "pillow"),     # JPEG 2000
+    "1.2.840.10008.1.2.5": ("pylibjpeg", "pydicom"),       # RLE Lossless
+}
+
+
+class _Problem(Exception):
+    def __init__(self, reason: str, header: "DicomHeader | None" = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.header = header  # what was read before the problem, for the report row
+
+
+class Skipped(_Problem):
+    """The file is fine but is not a frontal chest radiograph we measure."""
+
+
+class ReadError(_Problem):
+    """The file should be measurable but could not be read or decoded."""
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The header fields the report needs; patient identifiers only travel here."""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    study_date: str = ""
+    modality: str = ""
+    view_position: str = ""
+    rows: int = 0
+    columns: int = 0
+    pixel_spacing_mm: tuple[float, float] | None = None  # (row, column) spacing
+    patient_id: str = ""
+    accession_number: str = ""
+
+
+@dataclass
+class DicomImage:
+    header: DicomHeader
+    image: np.ndarray  # display-oriented float32, rows x columns
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # a malformed element must not sink the file  # noqa: BLE001
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip().replace("\x00", "")
+
+
+def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+    try:
+        value = ds.get(keyword, default)
+        return int(value) if value not in (None, "") else default
+    except Exception:  # noqa: BLE001
+        return default
+
+
+def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """PixelSpacing, else ImagerPixelSpacing; None when absent, zero or malformed."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            if value is None:
+                continue
+            values = [float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue))
+                                         else [value])]
+        except Exception:  # noqa: BLE001 - malformed strings such as "abc"
+            continue
+        if len(values) == 1:
+            values = values * 2
+        if len(values) >= 2 and all(math.isfinite(v) and v > 0 for v in values[:2]):
+            return values[0], values[1]
+    return None
+
+
+def _header(ds: Dataset) -> DicomHeader:
+    return DicomHeader(
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        study_date=_text(ds, "StudyDate"),
+        modality=_text(ds, "Modality").upper(),
+        view_position=_text(ds, "ViewPosition").upper(),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        pixel_spacing_mm=pixel_spacing(ds),
+        patient_id=_text(ds, "PatientID"),
+        accession_number=_text(ds, "AccessionNumber"),
+    )
+
+
+def _looks_like_raw_dataset(path: Path) -> bool:
+    """A DICOM dataset written without preamble/file meta starts with a group 0x0008 tag."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return len(head) == 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[3] == 0
+
+
+def _open(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path, defer_size="64 KB")
+    except InvalidDicomError:
+        if not _looks_like_raw_dataset(path):
+            raise Skipped("not a DICOM file") from None
+        try:
+            return pydicom.dcmread(path, defer_size="64 KB", force=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ReadError(f"unreadable DICOM without file meta: {exc}") from None
+    except PermissionError:
+        raise ReadError("permission denied; check the file's read permissions") from None
+    except FileNotFoundError:
+        raise ReadError("file disappeared before it could be read") from None
+    except IsADirectoryError:
+        raise Skipped("a directory, not a file") from None
+    except OSError as exc:
+        raise ReadError(f"cannot read file: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
+        if Path(path).stat().st_size == 0:
+            raise Skipped("empty file") from None
+        raise ReadError(f"corrupt DICOM header: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+def check_candidate(ds: Dataset, header: DicomHeader) -> None:
+    """Raise :class:`Skipped` unless this is a 2-D greyscale frontal chest radiograph."""
+    sop_class = _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID") \
+        if hasattr(ds, "file_meta") else _text(ds, "SOPClassUID")
+    if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        raise Skipped("DICOMDIR (a directory index, not an image)")
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        name = UID(sop_class).name if sop_class else "unknown SOP class"
+        raise Skipped(f"no pixel data ({name})")
+    modality = header.modality
+    is_projection = modality in PROJECTION_MODALITIES or sop_class in CR_DX_SOP_CLASSES
+    is_sc = sop_class.startswith(SECONDARY_CAPTURE_PREFIX) and modality in SC_MODALITIES
+    if not (is_projection or is_sc):
+        raise Skipped(f"modality {modality or 'unknown'} is not a projection radiograph (CR/DX expected)")
+    body_part = _text(ds, "BodyPartExamined").upper()
+    if body_part and not any(word in body_part for word in CHEST_WORDS):
+        raise Skipped(f"body part {body_part!r} is not the chest")
+    view = header.view_position
+    if view in LATERAL_VIEWS:
+        raise Skipped(f"lateral view (ViewPosition {view}); only frontal PA/AP views are measured")
+    if not view:
+        for keyword in ("SeriesDescription", "ProtocolName", "StudyDescription"):
+            if LATERAL_TEXT.search(_text(ds, keyword)):
+                raise Skipped(f"lateral view ({keyword} {_text(ds, keyword)!r}); only frontal views are measured")
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames > 1:
+        raise Skipped(f"multi-frame image ({frames} frames); single projection images expected")
+    samples = _int(ds, "SamplesPerPixel", 1)
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise Skipped(f"colour image ({photometric or f'{samples} samples per pixel'}); greyscale expected")
+    if header.rows < MIN_SIDE or header.columns < MIN_SIDE:
+        raise Skipped(f"image too small ({header.rows} x {header.columns} pixels)")
+    if header.rows * header.columns > MAX_PIXELS:
+        raise Skipped(f"image too large ({header.rows} x {header.columns} pixels)")
+
+
+def read_header(path: str | Path) -> tuple[Dataset, DicomHeader]:
+    """Parse a file (pixel data deferred) and check it is a candidate."""
+    path = Path(path)
+    ds = _open(path)
+    header = _header(ds)
+    try:
+        check_candidate(ds, header)
+    except Skipped as exc:
+        exc.header = header
+        raise
+    return ds, header
+
+
+def _stored_pixels(ds: Dataset) -> np.ndarray:
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    errors = []
+    for plugin in DECODER_PREFERENCE.get(syntax, ()) + ("",):
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            return ds.pixel_array
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            errors.append(exc)
+            if "plugin" not in str(exc).lower() and "available" not in str(exc).lower():
+                break  # a real decoding failure, not a missing plugin: don't retry
+    exc = errors[-1]
+    message = _short(exc)
+    if "no pixel data decoders" in str(exc).lower() or "missing required dependencies" in str(exc).lower():
+        name = UID(syntax).name if syntax else "this transfer syntax"
+        raise ReadError(f"no decoder installed for {name}; install pylibjpeg-libjpeg, "
+                        f"pylibjpeg-openjpeg and pylibjpeg-rle (or python-gdcm)") from None
+    raise ReadError(f"pixel data could not be decoded: {message}") from None
+
+
+def _window(ds: Dataset) -> tuple[float, float, str] | None:
+    """First VOI window (center, width, function), or None when absent or unusable."""
+    try:
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            return None
+        center = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+        width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
+    if not (math.isfinite(center) and math.isfinite(width) and width >= 1):
+        return None
+    return center, width, function
+
+
+def apply_voi(image: np.ndarray, ds: Dataset) -> np.ndarray:
+    """VOI LUT sequence or window, in place where possible; identity when absent."""
+    if "VOILUTSequence" in ds:
+        from pydicom.pixels import apply_voi
+
+        try:
+            return np.asarray(apply_voi(image, ds), dtype=np.float32)
+        except Exception:  # noqa: BLE001 - a broken LUT: fall back to the window
+            pass
+    window = _window(ds)
+    if window is None:
+        return image
+    center, width, function = window
+    if function == "SIGMOID":
+        np.subtract(image, center, out=image)
+        np.multiply(image, -4.0 / width, out=image)
+        np.exp(image, out=image)
+        np.add(image, 1.0, out=image)
+        np.reciprocal(image, out=image)
+        return image
+    if function == "LINEAR_EXACT":
+        offset, scale = center, 1.0 / width
+    else:  # LINEAR, PS3.3 C.11.2.1.2.1
+        offset, scale = center - 0.5, 1.0 / max(width - 1.0, 1.0)
+    np.subtract(image, offset, out=image)
+    np.multiply(image, scale, out=image)
+    np.add(image, 0.5, out=image)
+    return np.clip(image, 0.0, 1.0, out=image)
+
+
+def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values -> float32 modality values (rescale slope/intercept or LUT)."""
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    image = stored.astype(np.float32)
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        slope, intercept = 1.0, 0.0
+    if slope != 1.0 and math.isfinite(slope) and slope != 0:
+        np.multiply(image, slope, out=image)
+    if intercept != 0.0 and math.isfinite(intercept):
+        np.add(image, intercept, out=image)
+    return image
+
+
+def display_image(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored pixel values -> display-oriented float32 (bright = dense)."""
+    image = apply_modality(stored, ds)
+    windowed = apply_voi(image.copy() if _window(ds) else image, ds)
+    lo, hi = np.percentile(windowed[::8, ::8], [1, 99])
+    if hi > lo:  # a window that flattens the image is worse than none
+        image = windowed
+    if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
+        np.negative(image, out=image)
+    return image
+
+
+def decode(ds: Dataset) -> np.ndarray:
+    stored = _stored_pixels(ds)
+    if stored.ndim != 2:
+        raise Skipped(f"pixel array has shape {stored.shape}; a single 2-D greyscale frame expected")
+    image = display_image(stored, ds)
+    del stored
+    if not np.isfinite(image).all():
+        raise ReadError("pixel values are not finite after the modality/VOI LUT")
+    return image
+
+
+def read_dicom(path: str | Path) -> DicomImage:
+    """Header + display pixels of a candidate file (raises Skipped / ReadError)."""
+    ds, header = read_header(path)
+    try:
+        return DicomImage(header=header, image=decode(ds))
+    except (Skipped, ReadError) as exc:
+        exc.header = header
+        raise

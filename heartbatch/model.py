@@ -1,0 +1,136 @@
+"""Loading an ONNX box model, checking it against the contract, and running it.
+
+A model that does not fit the contract is refused here, with what is wrong,
+before any DICOM file is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import contract
+from .pixels import PIPELINE_VERSION
+
+DEFAULT_MODEL_NAME = "heartbox.onnx"
+
+
+class ContractError(Exception):
+    """The model file does not satisfy the heartbatch ONNX contract."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    model_id: str            # short content hash, recorded in every report row
+    input_size: int
+    outputs: int             # 8 (heart + thorax) or 4 (heart only: no CTR)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_thorax(self) -> bool:
+        return self.outputs == 8
+
+    @property
+    def validation_metrics(self) -> dict:
+        try:
+            return json.loads(self.metadata.get(contract.META_VALIDATION, "{}"))
+        except ValueError:
+            return {}
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("heartbatch") / "models" / DEFAULT_MODEL_NAME))
+
+
+def file_id(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContractError(f"{path}: not a loadable ONNX model ({first[:300]})") from None
+
+
+def _check(session, path: Path) -> ModelInfo:
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    where = f"{path}"
+    if len(inputs) != 1 or inputs[0].name != contract.INPUT_NAME:
+        raise ContractError(f"{where}: expected one input named '{contract.INPUT_NAME}', "
+                            f"found {[i.name for i in inputs]}")
+    shape = inputs[0].shape
+    if inputs[0].type != "tensor(float)" or len(shape) != 4 or shape[1] != 1:
+        raise ContractError(f"{where}: input must be float32 [N, 1, S, S], found {inputs[0].type} {shape}")
+    if len(outputs) < 1 or outputs[0].name != contract.OUTPUT_NAME:
+        raise ContractError(f"{where}: expected an output named '{contract.OUTPUT_NAME}', "
+                            f"found {[o.name for o in outputs]}")
+    missing = [k for k in contract.REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ContractError(f"{where}: metadata lacks {', '.join(missing)}; "
+                            f"export the model with `export-onnx` so it records them")
+    if meta[contract.META_FORMAT] != contract.FORMAT_VERSION:
+        raise ContractError(f"{where}: contract format {meta[contract.META_FORMAT]!r} is not supported "
+                            f"(this heartbatch reads format {contract.FORMAT_VERSION})")
+    try:
+        size = int(meta[contract.META_INPUT_SIZE])
+    except ValueError:
+        raise ContractError(f"{where}: input size {meta[contract.META_INPUT_SIZE]!r} is not an integer") from None
+    if size < contract.MIN_INPUT_SIZE:
+        raise ContractError(f"{where}: input size {size} is below the contract's {contract.MIN_INPUT_SIZE}")
+    for dim in shape[2:]:
+        if isinstance(dim, int) and dim != size:
+            raise ContractError(f"{where}: graph input is {shape} but metadata says S={size}")
+    pixels = meta.get(contract.META_PIXELS_VERSION)
+    if pixels is not None and pixels != PIPELINE_VERSION:
+        raise ContractError(f"{where}: trained with pixel pipeline v{pixels}, this heartbatch has "
+                            f"v{PIPELINE_VERSION}; use a matching heartbatch version or retrain")
+    probe = session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: np.zeros((2, 1, size, size), np.float32)})[0]
+    width = probe.shape[-1] if probe.ndim == 2 else None
+    if probe.ndim != 2 or probe.shape[0] != 2 or width not in contract.OUTPUT_LAYOUTS:
+        raise ContractError(f"{where}: output '{contract.OUTPUT_NAME}' must be [N, 8] or [N, 4] with a "
+                            f"dynamic batch; a batch of 2 gave shape {list(probe.shape)}")
+    if meta[contract.META_OUTPUT_LAYOUT] != contract.OUTPUT_LAYOUTS[width]:
+        raise ContractError(f"{where}: output layout {meta[contract.META_OUTPUT_LAYOUT]!r} does not match "
+                            f"its {width} outputs (expected {contract.OUTPUT_LAYOUTS[width]!r})")
+    return ModelInfo(path=path, model_id=file_id(path), input_size=size, outputs=width, metadata=meta)
+
+
+class BoxModel:
+    """An onnxruntime session that honours the contract."""
+
+    def __init__(self, path: str | Path | None = None, threads: int | None = None):
+        path = Path(path) if path is not None else default_model_path()
+        if not path.is_file():
+            hint = ("the package was installed without its default model; reinstall heartbatch"
+                    if path == default_model_path() else "check the --model path")
+            raise ContractError(f"{path}: model file not found ({hint})")
+        self._session = _session(path, threads)
+        self.info = _check(self._session, path)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """``[N, S, S]`` preprocessed images -> ``[N, 4|8]`` normalized boxes (float64)."""
+        batch = np.ascontiguousarray(images, dtype=np.float32)[:, None]
+        out = self._session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: batch})[0]
+        return out.astype(np.float64)

@@ -1,0 +1,157 @@
+"""CTR summaries computed from the report CSV, per study and for the whole batch.
+
+Everything is derived from the CSV alone, so the summaries always agree with
+the report (also after a resumed or crashed run) and can be regenerated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+VIEW_ORDER = {"PA": 0, "AP": 1}  # PA preferred: AP magnifies the heart
+HISTOGRAM_EDGES = [round(0.05 * i, 2) for i in range(21)]
+
+
+def summary_paths(report: Path) -> tuple[Path, Path]:
+    stem = report.with_suffix("") if report.suffix else report
+    return Path(f"{stem}.summary.json"), Path(f"{stem}.summary.md")
+
+
+def read_report(report: Path):
+    import pandas as pd
+
+    return pd.read_csv(report, dtype=str, keep_default_na=False, encoding="utf-8")
+
+
+def _float(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 6)
+
+
+def distribution(values: np.ndarray, threshold: float) -> dict:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"n": 0, "enlarged": 0}
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    counts, _ = np.histogram(np.clip(values, 0.0, 0.999999), bins=HISTOGRAM_EDGES)
+    return {
+        "n": int(values.size),
+        "mean": _float(values.mean()),
+        "median": _float(median),
+        "q1": _float(q1),
+        "q3": _float(q3),
+        "iqr": _float(q3 - q1),
+        "min": _float(values.min()),
+        "max": _float(values.max()),
+        "enlarged": int((values > threshold).sum()),
+        "enlarged_fraction": _float((values > threshold).mean()),
+        "histogram": {"edges": HISTOGRAM_EDGES, "counts": [int(c) for c in counts],
+                      "note": "values outside [0, 1] are counted in the end bins"},
+    }
+
+
+def _ctr_column(frame) -> np.ndarray:
+    return np.array([float(v) if v != "" else math.nan for v in frame["ctr"]], dtype=np.float64)
+
+
+def per_study(ok, threshold: float) -> list[dict]:
+    """One entry per study: the frontal image's CTR, PA preferred over AP."""
+    studies = []
+    ok = ok.assign(_ctr=_ctr_column(ok))
+    ok = ok[np.isfinite(ok["_ctr"])]
+    key = ok["study_instance_uid"].where(ok["study_instance_uid"] != "", "path:" + ok["path"])
+    ok = ok.assign(_study=key, _rank=ok["view_position"].map(lambda v: VIEW_ORDER.get(v, 2)))
+    for study, group in ok.sort_values(["_study", "_rank", "path"]).groupby("_study", sort=True):
+        best = group.iloc[0]
+        studies.append({
+            "study_instance_uid": best["study_instance_uid"],
+            "study_date": best["study_date"],
+            "path": best["path"],
+            "view_position": best["view_position"],
+            "ctr": _float(best["_ctr"]),
+            "enlarged": bool(best["_ctr"] > threshold),
+            "images": int(len(group)),
+        })
+    return studies
+
+
+def summarize(report: Path, threshold: float = 0.5) -> dict:
+    frame = read_report(report)
+    ok = frame[frame["status"] == "ok"]
+    by_reason = (frame[frame["status"] != "ok"].groupby(["status", "reason"]).size()
+                 .reset_index(name="count").sort_values(["count", "status", "reason"],
+                                                        ascending=[False, True, True]))
+    ctr = _ctr_column(ok)
+    views = ok["view_position"].where(ok["view_position"] != "", "unknown")
+    studies = per_study(ok, threshold)
+    study_ctr = np.array([s["ctr"] for s in studies], dtype=np.float64)
+    return {
+        "report": report.name,
+        "threshold": threshold,
+        "files": {
+            "total": int(len(frame)),
+            "by_status": {s: int((frame["status"] == s).sum()) for s in ("ok", "skipped", "error")},
+            "by_reason": [{"status": r.status, "reason": r.reason, "count": int(r.count)}
+                          for r in by_reason.itertuples()],
+        },
+        "model_ids": sorted(m for m in frame["model_id"].unique() if m),
+        "ctr": distribution(ctr, threshold),
+        "by_view": {view: distribution(ctr[(views == view).to_numpy()], threshold)
+                    for view in sorted(views.unique(), key=lambda v: (VIEW_ORDER.get(v, 2), v))},
+        "studies": {"n": len(studies), "ctr": distribution(study_ctr, threshold), "items": studies},
+    }
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def to_markdown(summary: dict) -> str:
+    c, files = summary["ctr"], summary["files"]
+    t = summary["threshold"]
+    lines = [
+        f"# heartbatch summary: {summary['report']}", "",
+        f"Files: {files['total']} — ok {files['by_status']['ok']}, skipped {files['by_status']['skipped']}, "
+        f"error {files['by_status']['error']}. Model: {', '.join(summary['model_ids']) or '–'}.", "",
+        "## Cardiothoracic ratio (all measured images)", "",
+        "| n | mean | median | IQR (q1–q3) | min | max | CTR > %.2f |" % t,
+        "|---|---|---|---|---|---|---|",
+        f"| {c['n']} | {_fmt(c.get('mean'))} | {_fmt(c.get('median'))} | {_fmt(c.get('iqr'))} "
+        f"({_fmt(c.get('q1'))}–{_fmt(c.get('q3'))}) | {_fmt(c.get('min'))} | {_fmt(c.get('max'))} "
+        f"| {c['enlarged']} |", "",
+        "## By view position", "",
+        "AP views magnify the heart: read their CTR against that.", "",
+        "| view | n | median | CTR > %.2f |" % t, "|---|---|---|---|",
+    ]
+    for view, d in summary["by_view"].items():
+        lines.append(f"| {view} | {d['n']} | {_fmt(d.get('median'))} | {d['enlarged']} |")
+    hist = c.get("histogram")
+    if hist:
+        lines += ["", "## CTR histogram", "", "| CTR | count |", "|---|---|"]
+        for lo, hi, count in zip(hist["edges"], hist["edges"][1:], hist["counts"]):
+            if count:
+                lines.append(f"| {lo:.2f}–{hi:.2f} | {count} |")
+    if files["by_reason"]:
+        lines += ["", "## Not measured", "", "| status | reason | files |", "|---|---|---|"]
+        lines += [f"| {r['status']} | {r['reason'].replace('|', '/')} | {r['count']} |" for r in files["by_reason"]]
+    studies = summary["studies"]
+    lines += ["", f"## Studies ({studies['n']}; {studies['ctr']['enlarged']} with CTR > {t:.2f})", "",
+              "| study | date | view | CTR | enlarged | images |", "|---|---|---|---|---|---|"]
+    for s in sorted(studies["items"], key=lambda s: (not s["enlarged"], -(s["ctr"] or 0))):
+        name = s["study_instance_uid"] or s["path"]
+        lines.append(f"| {name} | {s['study_date']} | {s['view_position'] or '–'} | {_fmt(s['ctr'])} "
+                     f"| {'yes' if s['enlarged'] else 'no'} | {s['images']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summaries(report: Path, threshold: float = 0.5) -> tuple[Path, Path, dict]:
+    summary = summarize(report, threshold)
+    json_path, md_path = summary_paths(report)
+    for path, text in ((json_path, json.dumps(summary, indent=2) + "\n"), (md_path, to_markdown(summary))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return json_path, md_path, summary
