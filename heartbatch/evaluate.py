@@ -13,8 +13,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="measure a model's accuracy on labeled images",
@@ -30,7 +28,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def predict_items(model, items, batch_size: int = 16) -> np.ndarray:
+def predict_items(model, items, batch_size: int = 16):
+    import numpy as np
+
     from .images import load_image
     from .pixels import preprocess
 
@@ -43,6 +43,8 @@ def predict_items(model, items, batch_size: int = 16) -> np.ndarray:
 
 
 def evaluate(model, items, threshold: float = 0.5, batch_size: int = 16) -> dict:
+    import numpy as np
+
     from .metrics import box_metrics
 
     pred = predict_items(model, items, batch_size)

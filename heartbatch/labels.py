@@ -14,6 +14,7 @@ training and evaluation never care where labels came from.
 from __future__ import annotations
 
 import csv
+import glob
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +42,12 @@ class LabeledImage:
     expert_ctr: float = math.nan
     source: str = ""
     mask_paths: dict[str, Path] = field(default_factory=dict)
+    name: str = ""  # unique within a data set: folder/file, or the path relative to the labels
 
     @property
     def key(self) -> str:
+        if self.name:
+            return self.name
         return f"{self.source}/{self.image_path.name}" if self.source else self.image_path.name
 
     @property
@@ -111,7 +115,7 @@ def _find_image(folder: Path, stem: str) -> Path:
     for candidate in (folder / stem, folder / f"{stem}.dcm", folder / f"{stem}.png"):
         if candidate.is_file():
             return candidate
-    matches = sorted(folder.glob(f"{stem}.*"))
+    matches = sorted(folder.glob(f"{glob.escape(stem)}.*"))
     if not matches:
         raise LabelError(f"no image named '{stem}' in {folder}")
     return matches[0]
@@ -125,7 +129,8 @@ def from_legacy_labels(label_csv: Path, image_dir: Path) -> list[LabeledImage]:
             x0, y0 = float(row["x0"]), float(row["y0"])
             x1, y1 = x0 + float(row["w"]), y0 + float(row["h"])
             heart = (x0 / LEGACY_SIZE, y0 / LEGACY_SIZE, x1 / LEGACY_SIZE, y1 / LEGACY_SIZE)
-            items.append(LabeledImage(image_path=_find_image(image_dir, row["name"]), heart=heart))
+            items.append(LabeledImage(image_path=_find_image(image_dir, row["name"]), heart=heart,
+                                      name=row["name"]))
     return items
 
 
@@ -145,15 +150,21 @@ def from_box_csv(box_csv: Path, base: Path | None = None) -> list[LabeledImage]:
         if missing:
             raise LabelError(f"{box_csv}: missing columns {sorted(missing)}; "
                              f"expected path,{','.join(BOX_COLUMNS)} (thorax optional)")
-        for row in reader:
+        for line, row in enumerate(reader, start=2):
             path = Path(row["path"])
             path = path if path.is_absolute() else base / path
+            thorax_cells = [(row.get(c, "") or "").strip() for c in BOX_COLUMNS[4:]]
+            if any(thorax_cells) and not all(thorax_cells):
+                raise LabelError(f"{box_csv}:{line}: thorax box partly filled; give all four or none")
+            try:
+                heart_px = [float(row[c]) for c in BOX_COLUMNS[:4]]
+                thorax_px = [float(v) for v in thorax_cells] if all(thorax_cells) else None
+            except ValueError as exc:
+                raise LabelError(f"{box_csv}:{line}: {exc}") from None
             rows, columns = image_size(path)
-            heart = _normalize([float(row[c]) for c in BOX_COLUMNS[:4]], rows, columns)
-            thorax_cells = [row.get(c, "") or "" for c in BOX_COLUMNS[4:]]
-            thorax = (_normalize([float(v) for v in thorax_cells], rows, columns)
-                      if all(v.strip() for v in thorax_cells) else NAN_BOX)
-            items.append(LabeledImage(image_path=path, heart=heart, thorax=thorax))
+            thorax = _normalize(thorax_px, rows, columns) if thorax_px else NAN_BOX
+            items.append(LabeledImage(image_path=path, heart=_normalize(heart_px, rows, columns),
+                                      thorax=thorax, name=row["path"]))
     return items
 
 

@@ -29,13 +29,14 @@ def pipeline_description() -> str:
     """Human-readable summary stored in ONNX metadata next to the version."""
     return (
         f"heartbatch pixels v{PIPELINE_VERSION}: modality LUT, VOI LUT/window, "
-        f"MONOCHROME1 inverted, area resize to SxS (full image, no crop/pad), "
+        f"MONOCHROME1 inverted, anti-aliased bilinear resize to SxS (full image, no crop/pad), "
         f"percentile scale p{LOW_PERCENTILE}-p{HIGH_PERCENTILE} to [0,1], clipped"
     )
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a 2-D image to ``size x size`` with anti-aliasing.
+    """Resize a 2-D image to ``size x size`` (Pillow bilinear, which widens its
+    kernel when shrinking, so it anti-aliases).
 
     The whole image extent maps onto the whole output extent (pixel edges to
     pixel edges), so a normalized coordinate u means ``u * width`` pixels in

@@ -1,0 +1,273 @@
+"""`export-onnx`: a training checkpoint -> a contract-conformant ONNX model.
+
+    export-onnx runs/default/best.pt --out heartbatch/models/heartbox.onnx
+
+Accepts this project's checkpoints (``heartbatch-checkpoint/1``) and, with
+``--legacy`` or detected automatically, the original project's PyTorch
+Lightning checkpoint (ResNet18 heart-box regressor at 224 px).  The exported
+graph takes ``image`` [N, 1, S, S] in [0, 1] (normalization inside) and gives
+``boxes`` [N, 8] or [N, 4] normalized; metadata records everything the runtime
+and a reader need.  After export, onnxruntime and torch are compared on the
+same inputs; a difference above --tolerance exits 1 (the file is kept for
+inspection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from heartbatch import contract as C
+from heartbatch.pixels import PIPELINE_VERSION, pipeline_description
+
+from .net import HeartBoxNet
+from .train import CHECKPOINT_FORMAT, code_version
+
+DEFAULT_OPSET = 17
+
+# The original project: 224 x 224 input, pixels / 255 then (x - 0.494) / 0.252,
+# output heart x0, y0, x1, y1 in 224-pixel coordinates.
+LEGACY_SIZE = 224
+LEGACY_MEAN = 0.494
+LEGACY_STD = 0.252
+
+
+class ExportError(Exception):
+    """Something the user can fix (wrong file, wrong format): exit 2, no traceback."""
+
+
+class LegacyHeartNet(nn.Module):
+    """The original ResNet18 with its normalization and 224-px scaling moved into the graph."""
+
+    def __init__(self, mean: float = LEGACY_MEAN, std: float = LEGACY_STD, size: int = LEGACY_SIZE):
+        super().__init__()
+        self.model = resnet18(weights=None)
+        self.model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.model.fc = nn.Linear(512, 4)
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+        self.scale = float(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std) / self.scale
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="export-onnx", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="trainer checkpoint (best.pt) or original Lightning .ckpt")
+    p.add_argument("--out", required=True, type=Path, help="ONNX file to write")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest accepted |onnxruntime - torch| difference (default 1e-4)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--legacy", action="store_true",
+                   help="checkpoint is the original project's (detected automatically when unambiguous)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+    return p.parse_args(argv)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checkpoint(path: Path, trust_pickle: bool) -> dict:
+    """weights_only by default: a checkpoint is data, and unpickling runs code."""
+    if not path.is_file():
+        raise ExportError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle:
+            raise ExportError(f"{path}: not a readable torch checkpoint ({exc})") from None
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        raise ExportError(f"{path}: the checkpoint holds objects beyond tensors and plain data"
+                          + (f" ({found.group(1)})" if found else "")
+                          + "; if you trust the file, rerun with --trust-pickle") from None
+    except Exception as exc:  # a corrupt or foreign file fails in many ways inside the unpickler
+        raise ExportError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict):
+        raise ExportError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def _json_safe(value):
+    """NaN/inf become null so the metadata is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _common_metadata(size: int, outputs: int, mean: float, std: float, source: Path) -> dict[str, str]:
+    return {
+        C.META_FORMAT: C.FORMAT_VERSION,
+        C.META_INPUT_SIZE: str(size),
+        C.META_OUTPUT_LAYOUT: C.OUTPUT_LAYOUTS[outputs],
+        C.META_PREPROCESSING: pipeline_description(),
+        C.META_PIXELS_VERSION: PIPELINE_VERSION,
+        C.META_NORMALIZATION: f"mean={mean:.6g},std={std:.6g} (inside the graph)",
+        C.META_SOURCE: f"{source.name} sha256:{sha256(source)[:16]}",
+    }
+
+
+def from_heartbatch(ckpt: dict, path: Path) -> tuple[nn.Module, int, dict[str, str]]:
+    fmt = ckpt.get("format")
+    if fmt != CHECKPOINT_FORMAT:
+        raise ExportError(f"{path}: checkpoint format {fmt!r} is not supported (expected {CHECKPOINT_FORMAT!r})")
+    try:
+        cfg, state = ckpt["config"], ckpt["model"]
+        size, outputs = int(cfg["size"]), int(cfg.get("outputs", 8))
+        mean, std = float(cfg["mean"]), float(cfg["std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{path}: incomplete {CHECKPOINT_FORMAT} checkpoint (missing {exc})") from None
+    if size < C.MIN_INPUT_SIZE:
+        raise ExportError(f"{path}: trained at {size}px; the model contract needs {C.MIN_INPUT_SIZE} or more")
+    if outputs not in C.OUTPUT_LAYOUTS:
+        raise ExportError(f"{path}: {outputs} outputs; the contract allows {sorted(C.OUTPUT_LAYOUTS)}")
+    model = HeartBoxNet(outputs=outputs, mean=mean, std=std)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ExportError(f"{path}: weights do not fit HeartBoxNet: {exc}") from None
+    epochs = cfg.get("epochs", "?")
+    epoch = ckpt.get("epoch")
+    reached = f"epoch {epoch + 1} of {epochs}" if isinstance(epoch, int) else f"{epochs} epochs"
+    meta = _common_metadata(size, outputs, mean, std, path)
+    meta.update({
+        C.META_TRAINING_DATA: (f"{cfg.get('data', '?')}"
+                               + (f" + labels {cfg['labels']}" if cfg.get("labels") else "")
+                               + f": {cfg.get('train_images', '?')} training / {cfg.get('val_images', '?')}"
+                               f" validation images, seed {cfg.get('seed', '?')}, {reached}"),
+        C.META_VALIDATION: json.dumps(_json_safe(ckpt.get("metrics") or {}), sort_keys=True),
+        C.META_CODE_VERSION: str(cfg.get("code_version", "unknown")),
+    })
+    return model, size, meta
+
+
+def from_legacy(ckpt: dict, path: Path) -> tuple[nn.Module, int, dict[str, str]]:
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise ExportError(f"{path}: no 'state_dict' in the checkpoint; not an original-project checkpoint")
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    fc = weights.get("fc.weight")
+    if fc is None or tuple(fc.shape) != (4, 512):
+        raise ExportError(f"{path}: expected 'model.*' ResNet18 weights with fc 512 -> 4 "
+                          f"(original heart-detection model); got fc {None if fc is None else tuple(fc.shape)}")
+    model = LegacyHeartNet()
+    try:
+        model.model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ExportError(f"{path}: weights do not fit the original ResNet18 layout: {exc}") from None
+    pl_version = ckpt.get("pytorch-lightning_version", "unknown")
+    meta = _common_metadata(LEGACY_SIZE, 4, LEGACY_MEAN, LEGACY_STD, path)
+    meta[C.META_NORMALIZATION] += ("; the original project scaled 8-bit pixels by 1/255, "
+                                   "heartbatch feeds its own pipeline's [0,1] image")
+    meta.update({
+        C.META_TRAINING_DATA: "original project checkpoint (RSNA heart detection)",
+        C.META_VALIDATION: "{}",  # unknown: the Lightning checkpoint carries none
+        C.META_CODE_VERSION: (f"original project (PyTorch Lightning {pl_version}); "
+                              f"converted by {code_version()}"),
+    })
+    return model, LEGACY_SIZE, meta
+
+
+def export(model: nn.Module, size: int, meta: dict[str, str], out: Path, opset: int) -> None:
+    """TorchScript exporter: simple, mature, and keeps the batch axis symbolic."""
+    model.eval()
+    example = torch.rand(2, 1, size, size)  # batch 2 so no size-1 shape gets specialised
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation chatter
+        torch.onnx.export(model, (example,), buf, input_names=[C.INPUT_NAME], output_names=[C.OUTPUT_NAME],
+                          dynamic_axes={C.INPUT_NAME: {0: "batch"}, C.OUTPUT_NAME: {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    # the tracer leaves the coordinate axis symbolic; the contract fixes it
+    width = proto.graph.output[0].type.tensor_type.shape.dim[1]
+    width.ClearField("dim_param")
+    width.dim_value = len(meta[C.META_OUTPUT_LAYOUT].split(","))
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "heartbatch export-onnx"
+    onnx.checker.check_model(proto, full_check=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    onnx.save(proto, tmp)
+    os.replace(tmp, out)
+
+
+def parity(model: nn.Module, out: Path, size: int) -> float:
+    """Max |onnxruntime - torch| over a random batch of 3 and a flat image (batch 1)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.rand(3, 1, size, size, generator=gen), torch.full((1, 1, size, size), 0.5)]
+    worst = 0.0
+    for x in batches:
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (got,) = session.run([C.OUTPUT_NAME], {C.INPUT_NAME: x.numpy()})
+        if got.shape != expected.shape:
+            raise AssertionError(f"onnxruntime gave shape {got.shape}, torch {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.checkpoint, args.trust_pickle)
+        legacy = args.legacy or ("format" not in ckpt and "state_dict" in ckpt)
+        if legacy and "format" in ckpt:
+            raise ExportError(f"{args.checkpoint}: --legacy given, but this is a {ckpt['format']!r} checkpoint")
+        if not legacy and "format" not in ckpt:
+            raise ExportError(f"{args.checkpoint}: unknown checkpoint layout (no 'format' or 'state_dict' key; "
+                              f"keys: {', '.join(sorted(map(str, ckpt))[:8])})")
+        model, size, meta = (from_legacy if legacy else from_heartbatch)(ckpt, args.checkpoint)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        export(model, size, meta, args.out, args.opset)
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    source = "original project, heart only" if legacy else CHECKPOINT_FORMAT
+    print(f"wrote {args.out} ({source}; boxes {meta[C.META_OUTPUT_LAYOUT]}; input {size}px; "
+          f"opset {args.opset}; sha256 {sha256(args.out)[:16]})")
+    diff = parity(model, args.out, size)
+    print(f"parity: max abs difference {diff:.1e} (tolerance {args.tolerance:.0e})")
+    if not diff <= args.tolerance:
+        print(f"error: onnxruntime and torch disagree by {diff:.3g} > {args.tolerance:g}; "
+              f"{args.out} kept for inspection but should not be used", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

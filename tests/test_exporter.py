@@ -1,0 +1,260 @@
+"""Training, ONNX export and label parsing: real torch, real onnxruntime, real files.
+
+Kept small (a handful of images, tiny sizes, one export per model kind) so the
+suite stays fast while still training, exporting and running actual models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models import resnet18
+
+from dicom_factory import write_dicom
+from exporter import export
+from exporter.datasets import build_dataset
+from exporter.engine import SEG_WEIGHT, box_loss, seg_loss, train_one_epoch
+from exporter.net import HeartBoxNet
+from exporter.train import CHECKPOINT_FORMAT
+from heartbatch import contract as C
+from heartbatch.labels import (LEGACY_SIZE, from_box_csv, from_legacy_labels, from_mask_folder,
+                               load_labels)
+from heartbatch.model import BoxModel
+from heartbatch.pixels import PIPELINE_VERSION
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _metadata(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+# --- training -----------------------------------------------------------------
+
+def test_a_few_steps_lower_the_loss(data_dir):
+    """The whole loop (dataset, engine, net) learns: a broken gradient path would not."""
+    torch.manual_seed(0)
+    items = load_labels(data_dir / "cxr-ctr")
+    data = build_dataset(items[:4] + items[-4:], size=64)  # JSRT and Wingspan
+    model = HeartBoxNet(mean=data.images.mean().item(), std=data.images.std().item(), width=32)
+
+    def loss() -> float:
+        with torch.no_grad():  # train mode: BatchNorm uses batch statistics, as in training
+            pred, seg = model.forward_train(data.images)
+            return (box_loss(pred, data.boxes) + SEG_WEIGHT * seg_loss(seg, data.masks, data.real_masks)).item()
+
+    before = loss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(4):  # 2 steps per epoch
+        stats = train_one_epoch(model, data, optimizer, None, gen, batch_size=4,
+                                device=torch.device("cpu"), augment=None)
+        assert math.isfinite(stats["loss"])
+    after = loss()
+    assert after < 0.6 * before, (before, after)
+
+
+# --- export --------------------------------------------------------------------
+
+def _trainer_checkpoint(path, size=224, mean=0.47, std=0.23):
+    torch.manual_seed(1)
+    model = HeartBoxNet(mean=mean, std=std)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval-mode export matters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    metrics = {"n": 2, "heart_iou_mean": 0.8, "ctr_mae": math.nan}
+    config = {"size": size, "outputs": 8, "mean": mean, "std": std, "arch": "resnet18-fpn-softargmax",
+              "data": "cxr-ctr", "labels": None, "seed": 3, "epochs": 5, "batch_size": 4, "lr": 1e-3,
+              "train_images": 6, "val_images": 2, "code_version": "heartbatch test"}
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+                "metrics": metrics, "epoch": 4, "train_seconds": 1.0}, path)
+    return model.eval()
+
+
+def test_export_trainer_checkpoint(tmp_path, capsys):
+    ckpt, out = tmp_path / "best.pt", tmp_path / "model.onnx"
+    model = _trainer_checkpoint(ckpt)
+
+    assert export.main([str(ckpt), "--out", str(out)]) == 0
+    assert "parity: max abs difference" in capsys.readouterr().out
+
+    graph = onnx.load(str(out)).graph
+    assert [i.name for i in graph.input] == [C.INPUT_NAME]
+    assert [o.name for o in graph.output] == [C.OUTPUT_NAME]
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(graph.input[0]) == ["batch", 1, 224, 224]
+    assert dims(graph.output[0]) == ["batch", 8]
+
+    meta = _metadata(out)
+    for key in C.REQUIRED_METADATA + (C.META_PIXELS_VERSION, C.META_NORMALIZATION, C.META_SOURCE):
+        assert meta.get(key), key
+    assert meta[C.META_INPUT_SIZE] == "224"
+    assert meta[C.META_OUTPUT_LAYOUT] == C.OUTPUT_LAYOUTS[8]
+    assert meta[C.META_PIXELS_VERSION] == PIPELINE_VERSION
+    assert meta[C.META_CODE_VERSION] == "heartbatch test"
+    assert json.loads(meta[C.META_VALIDATION]) == {"n": 2, "heart_iou_mean": 0.8, "ctr_mae": None}
+    assert "6 training / 2 validation" in meta[C.META_TRAINING_DATA]
+    assert meta[C.META_SOURCE].startswith("best.pt sha256:")
+
+    session = _session(out)
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 4):  # dynamic batch
+        x = torch.rand(n, 1, 224, 224, generator=gen)
+        (got,) = session.run([C.OUTPUT_NAME], {C.INPUT_NAME: x.numpy()})
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert got.shape == (n, 8)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+    info = BoxModel(out).info  # the runtime accepts it
+    assert (info.input_size, info.outputs) == (224, 8)
+
+
+class _OriginalModule(nn.Module):
+    """State-dict layout of the original Lightning module: the ResNet is attribute ``model``."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = resnet18(weights=None)
+        self.model.conv1 = nn.Conv2d(1, 64, kernel_size=(7, 7), stride=(2, 2), padding=(3, 3), bias=False)
+        self.model.fc = nn.Linear(in_features=512, out_features=4)
+        self.loss_fn = nn.MSELoss()
+
+
+def test_convert_original_lightning_checkpoint(tmp_path, capsys):
+    torch.manual_seed(2)
+    original = _OriginalModule()
+    with torch.no_grad():
+        for m in original.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        original.model.fc.bias.copy_(torch.tensor([80.0, 60.0, 150.0, 170.0]))  # plausible 224-px box
+    ckpt, out = tmp_path / "epoch=49-step=1999.ckpt", tmp_path / "legacy.onnx"
+    torch.save({"epoch": 49, "global_step": 1999, "pytorch-lightning_version": "1.5.10",
+                "state_dict": original.state_dict(), "callbacks": {}, "optimizer_states": [],
+                "lr_schedulers": []}, ckpt)
+
+    # an impossible tolerance fails the parity check but keeps the file for inspection
+    assert export.main([str(ckpt), "--out", str(out), "--tolerance", "1e-12"]) == 1
+    assert out.is_file() and "kept for inspection" in capsys.readouterr().err
+    assert export.main([str(ckpt), "--out", str(out)]) == 0  # detected without --legacy
+    assert "parity:" in capsys.readouterr().out
+
+    x = torch.rand(3, 1, 224, 224, generator=torch.Generator().manual_seed(7))
+    original.eval()
+    with torch.no_grad():
+        expected = original.model((x - 0.494) / 0.252).numpy() / 224
+    (got,) = _session(out).run([C.OUTPUT_NAME], {C.INPUT_NAME: x.numpy()})
+    assert got.shape == (3, 4)
+    np.testing.assert_allclose(got * 224, expected * 224, atol=1e-3, rtol=0)  # within 0.001 px
+
+    meta = _metadata(out)
+    assert meta[C.META_OUTPUT_LAYOUT] == C.OUTPUT_LAYOUTS[4]
+    assert meta[C.META_INPUT_SIZE] == "224"
+    assert meta[C.META_VALIDATION] == "{}"
+    assert meta[C.META_TRAINING_DATA] == "original project checkpoint (RSNA heart detection)"
+    assert "mean=0.494,std=0.252" in meta[C.META_NORMALIZATION]
+    assert "1.5.10" in meta[C.META_CODE_VERSION]
+    assert BoxModel(out).info.outputs == 4
+
+
+def test_export_errors_are_short(tmp_path, capsys):
+    out = tmp_path / "x.onnx"
+    assert export.main([str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert export.main([str(tmp_path / "junk.pt"), "--out", str(out)]) == 2
+    torch.save({"format": "heartbatch-checkpoint/99"}, tmp_path / "future.pt")
+    assert export.main([str(tmp_path / "future.pt"), "--out", str(out)]) == 2
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    assert export.main([str(tmp_path / "other.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "not supported" in err and "unknown checkpoint layout" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+# --- label formats -------------------------------------------------------------
+
+def _png(path, rows, cols, boxes=(), value=255):
+    """A greyscale PNG with filled rectangles given as exclusive-edge (x0, y0, x1, y1)."""
+    img = np.zeros((rows, cols), np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        img[y0:y1, x0:x1] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return img
+
+
+def test_mask_folder_boxes_and_expert_ctr(tmp_path):
+    root, rows, cols = tmp_path / "cxr", 40, 50
+    for name in ("a.png", "b.png"):
+        folder = root / "site"
+        _png(folder / "png" / name, rows, cols, [(0, 0, cols, rows)], value=90)
+        heart = _png(folder / "mask" / "heart" / name, rows, cols, [(15, 10, 30, 25)])
+        heart[0, 0] = 100  # anti-aliased edge below the threshold is not heart
+        Image.fromarray(heart).save(folder / "mask" / "heart" / name)
+        _png(folder / "mask" / "left_lung" / name, rows, cols, [(5, 5, 20, 35)])
+        _png(folder / "mask" / "right_lung" / name, rows, cols, [(30, 6, 45, 36)])
+    (root / "ctr_ground_truth.csv").write_text("id,ctr\na.png,0.42\n")
+
+    items = {i.key: i for i in load_labels(root)}
+    assert set(items) == {"site/a.png", "site/b.png"}
+    a = items["site/a.png"]
+    assert a.heart == (15 / cols, 10 / rows, 30 / cols, 25 / rows)
+    assert a.thorax == (5 / cols, 5 / rows, 45 / cols, 36 / rows)
+    assert a.expert_ctr == 0.42
+    assert math.isnan(items["site/b.png"].expert_ctr)
+    assert a.image_path == root / "site" / "png" / "a.png"
+    assert from_mask_folder(root)[0].boxes.shape == (8,)
+
+
+def test_original_label_file(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_dicom(images / "0a1b-patient.dcm", np.full((64, 64), 100, np.uint16), bits_stored=12)
+    _png(images / "other.png", 32, 32)
+    labels = tmp_path / "rsna_heart_detection.csv"
+    labels.write_text("label,x0,y0,w,h,name,img_shape_x,img_shape_y\n"
+                      "heart,91,71,77,102,0a1b-patient,1024,1024\n"
+                      "heart,80.5,60,90,100.25,other,1024,1024\n")
+
+    items = load_labels(images, labels)
+    assert items == from_legacy_labels(labels, images)
+    assert [i.image_path.name for i in items] == ["0a1b-patient.dcm", "other.png"]
+    assert items[0].heart == (91 / LEGACY_SIZE, 71 / LEGACY_SIZE, 168 / LEGACY_SIZE, 173 / LEGACY_SIZE)
+    assert items[1].heart == (80.5 / 224, 60 / 224, 170.5 / 224, 160.25 / 224)
+    assert all(math.isnan(v) for i in items for v in i.thorax)
+    assert all(math.isnan(i.expert_ctr) for i in items)
+
+
+def test_box_csv_pixels_non_square(tmp_path):
+    _png(tmp_path / "img" / "wide.png", 40, 60)            # rows 40, columns 60
+    write_dicom(tmp_path / "img" / "tall.dcm", np.zeros((80, 50), np.uint16), bits_stored=12)
+    full = tmp_path / "boxes.csv"
+    full.write_text("path,heart_x0,heart_y0,heart_x1,heart_y1,thorax_x0,thorax_y0,thorax_x1,thorax_y1\n"
+                    "img/wide.png,12,8,30,20,6,4,54,36\n"
+                    "img/tall.dcm,10,40,25,60,,,,\n")
+    wide, tall = load_labels(full)
+    assert wide.heart == (12 / 60, 8 / 40, 30 / 60, 20 / 40)
+    assert wide.thorax == (6 / 60, 4 / 40, 54 / 60, 36 / 40)
+    assert tall.heart == (10 / 50, 40 / 80, 25 / 50, 60 / 80)  # size from the DICOM header
+    assert all(math.isnan(v) for v in tall.thorax)
+
+    heart_only = tmp_path / "heart.csv"
+    heart_only.write_text("path,heart_x0,heart_y0,heart_x1,heart_y1\nwide.png,12,8,30,20\n")
+    (item,) = load_labels(tmp_path / "img", heart_only)  # relative to the data folder
+    assert item.heart == wide.heart and all(math.isnan(v) for v in item.thorax)
+    assert from_box_csv(heart_only, base=tmp_path / "img")[0].heart == wide.heart
