@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -35,6 +36,15 @@ def _add_run(sub) -> None:
                     "per file plus <report>.summary.json and <report>.summary.md next to it.",
         epilog="Exit status: 0 every file got a row; 2 usage error; 3 model refused; 4 nothing readable.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (searched recursively)")
+    _add_common(p)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress or tables; print one JSON line with counts and output paths")
+    p.add_argument("--force", action="store_true",
+                   help="forget what was processed and measure every file again")
+    p.set_defaults(func=cmd_run)
+
+
+def _add_common(p) -> None:
     p.add_argument("--out", required=True, type=Path, help="report CSV to write (e.g. report.csv)")
     p.add_argument("--model", type=Path, help="ONNX model (default: the model shipped with heartbatch)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per inference batch (16)")
@@ -43,9 +53,27 @@ def _add_run(sub) -> None:
     p.add_argument("--ctr-threshold", type=_ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
     p.add_argument("--include-patient-id", action="store_true",
                    help="add patient_id and accession_number columns (off by default: no identifiers)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress or tables; print one JSON line with counts and output paths")
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--state", type=Path,
+                   help="state folder with the ledger of processed files (default: <report>.state/)")
+
+
+def _add_watch(sub) -> None:
+    p = sub.add_parser(
+        "watch", help="run the pipeline on files as they arrive in DIR(s)",
+        description="Process files already in DIR(s), then each new or changed file once it is complete "
+                    "(size and mtime stable). Rows go to the same report and ledger as `heartbatch run`; "
+                    "summaries are refreshed after each batch. Stop with Ctrl-C or SIGTERM: the batch in "
+                    "flight is finished and flushed; a restart continues where it stopped.")
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="folders to watch (recursively)")
+    _add_common(p)
+    p.add_argument("--polling", action="store_true",
+                   help="poll the folders instead of inotify (network shares, some container mounts)")
+    p.add_argument("--settle", type=float, default=1.0,
+                   help="seconds a file must stay unchanged before it is read (1.0)")
+    p.add_argument("--incomplete-grace", type=float, default=30.0,
+                   help="a file modified this recently that fails to parse is re-checked, not reported (30)")
+    p.add_argument("--quiet", action="store_true", help="no per-batch lines")
+    p.set_defaults(func=cmd_watch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"heartbatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
+    _add_watch(sub)
     from .evaluate import add_parser as add_evaluate
 
     add_evaluate(sub)
@@ -91,39 +120,24 @@ def cmd_run(args) -> int:
     if model is None:
         return EXIT_MODEL
 
+    from .ledger import LedgerError
     from .pipeline import RunOptions, run
     from .scan import scan
-    from .summary import summary_paths
 
     options = RunOptions(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
                          include_patient_id=args.include_patient_id, threads=args.threads)
     info = model.info
-    if args.quiet:
-        result = run(args.paths, args.out, model, options)
-    else:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        console.print(f"model {info.path.name} [dim]({info.model_id}, input {info.input_size}px, "
-                      f"{'heart + thorax' if info.has_thorax else 'heart only: no CTR'})[/dim]")
-        total = sum(1 for _ in scan(args.paths, exclude=[args.out, *summary_paths(args.out)]))
-        columns = [TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                   TimeRemainingColumn()]
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("run", total=total, rate="")
-
-            def advance(records):
-                progress.advance(task, len(records))
-                speed = progress.tasks[0].speed
-                progress.update(task, rate=f"{speed:.1f} files/s" if speed else "")
-
-            result = run(args.paths, args.out, model, options, on_records=advance)
-    total = sum(result.counts.values())
+    try:
+        result = _run_with_progress(args, model, options, console, scan, run)
+    except LedgerError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_USAGE
+    total = result.processed + result.unchanged
     if args.quiet:
         print(json.dumps({"report": str(result.report), "summary_json": str(result.summary_json),
                           "summary_md": str(result.summary_md), "model_id": info.model_id,
-                          "files": total, **result.counts, "seconds": round(result.seconds, 3)}))
+                          "files": total, "processed": result.processed, "unchanged": result.unchanged,
+                          **result.counts, "seconds": round(result.seconds, 3)}))
     else:
         print_summary(console, result, info)
     if total == 0 or result.counts["error"] == total:
@@ -133,16 +147,86 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
+def _run_with_progress(args, model, options, console, scan, run):
+    """run() with a rich progress bar (rate, ETA), or silently with --quiet."""
+    from .ledger import state_dir_for
+    from .summary import summary_paths
+
+    kwargs = {"state_dir": args.state, "force": args.force}
+    if args.quiet:
+        return run(args.paths, args.out, model, options, **kwargs)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    info = model.info
+    console.print(f"model {info.path.name} [dim]({info.model_id}, input {info.input_size}px, "
+                  f"{'heart + thorax' if info.has_thorax else 'heart only: no CTR'})[/dim]")
+    outputs = [args.out, *summary_paths(args.out), args.state or state_dir_for(args.out)]
+    total = sum(1 for _ in scan(args.paths, exclude=outputs))
+    columns = [TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("run", total=total, rate="")
+
+        def advance(records):
+            progress.advance(task, len(records))
+            speed = progress.tasks[0].speed
+            progress.update(task, rate=f"{speed:.1f} files/s" if speed else "")
+
+        return run(args.paths, args.out, model, options, on_records=advance,
+                   on_unchanged=lambda: progress.advance(task), **kwargs)
+
+
+def cmd_watch(args) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        console.print(f"[red]error:[/red] not a folder: {', '.join(missing)}", highlight=False)
+        return EXIT_USAGE
+    model = _load_model(args.model, args.threads, console)
+    if model is None:
+        return EXIT_MODEL
+    from .ledger import LedgerError
+    from .pipeline import RunOptions
+    from .watch import WatchOptions, Watcher
+
+    options = RunOptions(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
+                         include_patient_id=args.include_patient_id, threads=args.threads)
+    wopts = WatchOptions(settle=args.settle, incomplete_grace=args.incomplete_grace, polling=args.polling)
+
+    def report(records):
+        if not args.quiet:
+            counts = {s: sum(r.status == s for r in records) for s in ("ok", "skipped", "error")}
+            console.print(f"{time.strftime('%H:%M:%S')} wrote {len(records)} rows ("
+                          + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + ")", highlight=False)
+
+    try:
+        watcher = Watcher(args.dirs, args.out, model, options, wopts, args.state, on_records=report)
+    except LedgerError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_USAGE
+    if not args.quiet:
+        console.print(f"watching {', '.join(map(str, args.dirs))} -> {args.out} "
+                      f"(model {model.info.model_id}; Ctrl-C to stop)", highlight=False)
+    code = watcher.run()
+    if not args.quiet:
+        console.print(f"stopped; {watcher.processed} rows written this session")
+    return code
+
+
 def print_summary(console, result, info) -> None:
     from rich.table import Table
 
     s = result.summary
     ctr = s["ctr"]
     table = Table(title="heartbatch run", show_header=False, title_justify="left")
-    total = sum(result.counts.values())
-    rate = total / result.seconds if result.seconds else 0
-    table.add_row("files", f"{total} in {result.seconds:.1f} s ({rate:.1f}/s)")
-    table.add_row("status", "  ".join(f"{k} {v}" for k, v in result.counts.items()))
+    processed = result.processed
+    rate = processed / result.seconds if result.seconds else 0
+    table.add_row("files", f"{processed} measured in {result.seconds:.1f} s ({rate:.1f}/s)"
+                  + (f"; {result.unchanged} unchanged, already in the report" if result.unchanged else ""))
+    table.add_row("status (report)", "  ".join(f"{k} {v}" for k, v in s["files"]["by_status"].items()))
     for reason in s["files"]["by_reason"][:5]:
         table.add_row(f"  {reason['status']}", f"{reason['count']} × {reason['reason']}")
     if ctr["n"]:

@@ -128,28 +128,106 @@ class RunResult:
     report: Path
     summary_json: Path
     summary_md: Path
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)   # this run's new rows by status
+    unchanged: int = 0                                     # files already in the report
     summary: dict = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def processed(self) -> int:
+        return sum(self.counts.values())
+
+
+def settings_key(model: BoxModel, options: RunOptions) -> str:
+    """What besides the file shapes its row: a new model or threshold re-measures it."""
+    return f"model={model.info.model_id};threshold={options.threshold:g}"
+
+
+class ReportSession:
+    """A report with its ledger, opened for writing: shared by `run` and `watch`."""
+
+    def __init__(self, out: Path, model: BoxModel, options: RunOptions, state_dir: Path | None = None,
+                 force: bool = False):
+        from .ledger import Ledger, state_dir_for
+        from .report import Report, columns
+        from .summary import summary_paths
+
+        self.out, self.model, self.options = out, model, options
+        self.state_dir = state_dir or state_dir_for(out)
+        self.ledger = Ledger(self.state_dir)
+        try:
+            if force:
+                self.ledger.clear()
+            self.ledger.bind(columns(options.include_patient_id))
+            self.report = Report(out, self.ledger, options.include_patient_id)
+        except BaseException:
+            self.ledger.close()
+            raise
+        self.settings = settings_key(model, options)
+        self.outputs = [out, *summary_paths(out), self.state_dir]
+        self._fingerprints: dict = {}
+
+    def needs(self, path: str | Path) -> bool:
+        """True when the file is new or changed since its row was written (remembers its fingerprint)."""
+        from .ledger import Fingerprint
+        from .report import ledger_key
+
+        fingerprint = Fingerprint.of(path)
+        if self.ledger.is_current(ledger_key(str(path)), fingerprint, self.settings):
+            return False
+        self._fingerprints[str(path)] = fingerprint
+        return True
+
+    def write(self, records: list[Record]) -> None:
+        self.report.write(records, self._fingerprints, self.settings)
+        for record in records:
+            self._fingerprints.pop(record.path, None)
+
+    def summarize(self):
+        from .summary import write_summaries
+
+        return write_summaries(self.out, self.options.threshold)
+
+    def close(self) -> None:
+        try:
+            self.report.close()
+        finally:
+            self.ledger.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions | None = None,
-        on_records: Callable[[list[Record]], None] | None = None) -> RunResult:
-    """`heartbatch run`: every file under ``paths`` gets one row in ``out``; then summaries."""
-    from .report import ReportWriter
+        on_records: Callable[[list[Record]], None] | None = None, state_dir: Path | None = None,
+        force: bool = False, on_unchanged: Callable[[], None] | None = None) -> RunResult:
+    """`heartbatch run`: every new or changed file under ``paths`` gets its one row in ``out``."""
     from .scan import scan
-    from .summary import summary_paths, write_summaries
 
     options = options or RunOptions()
     started = time.monotonic()
-    json_path, md_path = summary_paths(out)
     counts = {"ok": 0, "skipped": 0, "error": 0}
-    with ReportWriter(out, options.include_patient_id) as writer:
-        for records in Runner(model, options).process(scan(paths, exclude=[out, json_path, md_path])):
-            writer.write(records)
+    unchanged = 0
+    with ReportSession(out, model, options, state_dir, force) as session:
+        def todo():
+            nonlocal unchanged
+            for path in scan(paths, exclude=session.outputs):
+                if session.needs(path):
+                    yield path
+                else:
+                    unchanged += 1
+                    if on_unchanged is not None:
+                        on_unchanged()
+
+        for records in Runner(model, options).process(todo()):
+            session.write(records)
             for record in records:
                 counts[record.status] += 1
             if on_records is not None:
                 on_records(records)
-    json_path, md_path, summary = write_summaries(out, options.threshold)
-    return RunResult(out, json_path, md_path, counts, summary, time.monotonic() - started)
+        session.report.close()
+        json_path, md_path, summary = session.summarize()
+    return RunResult(out, json_path, md_path, counts, unchanged, summary, time.monotonic() - started)

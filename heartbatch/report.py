@@ -70,28 +70,78 @@ def header_line(include_patient_id: bool = False) -> str:
     return ",".join(columns(include_patient_id)) + "\n"
 
 
-class ReportWriter:
-    """Appends rows to a new report, durably, one batch at a time."""
+def ledger_key(path: str) -> str:
+    """Files are known by absolute path, so `run studies` and `run ./studies` agree."""
+    return os.path.abspath(path)
 
-    def __init__(self, path: Path, include_patient_id: bool = False):
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Report:
+    """The report CSV, kept identical to the ledger's rows (in ledger order).
+
+    On open, a CSV that differs from the ledger (crash mid-append, rows replaced
+    by a changed file) is rewritten from it atomically; an identical one is left
+    untouched, byte for byte.  Rows are committed to the ledger, then appended.
+    """
+
+    def __init__(self, path: Path, ledger, include_patient_id: bool = False):
         self.path = path
+        self.ledger = ledger
         self.include_patient_id = include_patient_id
+        self._header = header_line(include_patient_id)
+        self._stale = False
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "w", encoding="utf-8", newline="")
-        self._fh.write(header_line(include_patient_id))
-        self._sync()
+        if not self._matches_ledger():
+            self._rewrite()
+        self._fh = open(path, "a", encoding="utf-8", newline="")
 
-    def _sync(self) -> None:
+    def _expected(self):
+        yield self._header
+        yield from self.ledger.rows()
+
+    def _matches_ledger(self) -> bool:
+        if not self.path.is_file():
+            return False
+        with open(self.path, encoding="utf-8", newline="", errors="replace") as fh:
+            for chunk in self._expected():
+                if fh.read(len(chunk)) != chunk:
+                    return False
+            return fh.read(1) == ""
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            for chunk in self._expected():
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    def write(self, records: list[Record], fingerprints: dict, settings: str) -> None:
+        """Commit a batch to the ledger, then append it to the CSV."""
+        if not records:
+            return
+        rows = [format_rows([r], self.include_patient_id) for r in records]
+        replaced = self.ledger.commit((ledger_key(r.path), fingerprints[r.path], settings, row)
+                                      for r, row in zip(records, rows))
+        self._stale |= replaced > 0
+        self._fh.write("".join(rows))
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
-    def write(self, records: list[Record]) -> None:
-        if records:
-            self._fh.write(format_rows(records, self.include_patient_id))
-            self._sync()
-
     def close(self) -> None:
         self._fh.close()
+        if self._stale:  # drop the rows that changed files replaced
+            self._rewrite()
+            self._stale = False
 
     def __enter__(self):
         return self

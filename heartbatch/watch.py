@@ -1,0 +1,203 @@
+"""`heartbatch watch`: the batch pipeline on files as they arrive.
+
+A watchdog observer (inotify, or polling for network shares) reports paths;
+a path is processed once it is complete: its size and mtime have not changed
+for ``settle`` seconds.  A file that still fails to parse while it was
+modified less than ``incomplete_grace`` seconds ago is treated as a copy in
+progress and looked at again later, never reported as an error for being
+incomplete.  Files already present are caught up at start; the ledger makes
+restarts continue where they stopped.  SIGINT/SIGTERM finish the batch in
+flight, flush, and return.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+
+from .ledger import Fingerprint
+from .model import BoxModel
+from .pipeline import ReportSession, RunOptions, Runner
+from .records import ERROR, SKIPPED, Record
+from .scan import scan
+
+#: Names that copy tools use while a file is still being written.
+TEMPORARY_NAMES = ("*.part", "*.partial", "*.tmp", "*.crdownload", "*.swp", ".*", "*~")
+INCOMPLETE_SKIPS = ("not a DICOM file", "empty file")
+
+
+@dataclass
+class WatchOptions:
+    settle: float = 1.0            # seconds a file's size/mtime must stay unchanged
+    incomplete_grace: float = 30.0  # a failing file this recently modified is re-checked, not reported
+    poll_interval: float = 0.2
+    polling: bool = False          # PollingObserver, for network shares inotify does not see
+    max_batch_files: int = 256     # files taken per round, so a stop request is honoured soon
+
+
+@dataclass
+class _Pending:
+    fingerprint: Fingerprint
+    changed_at: float
+
+
+def is_temporary(path: str) -> bool:
+    name = os.path.basename(path)
+    return any(fnmatch.fnmatch(name, pattern) for pattern in TEMPORARY_NAMES)
+
+
+def _looks_incomplete(record: Record, now: float, grace: float) -> bool:
+    """A failure on a file modified moments ago is most likely a copy in progress."""
+    if record.status == ERROR or (record.status == SKIPPED and record.reason in INCOMPLETE_SKIPS):
+        try:
+            return now - os.stat(record.path).st_mtime < grace
+        except OSError:
+            return False
+    return False
+
+
+class _Handler(FileSystemEventHandler):
+    """watchdog callbacks -> a thread-safe queue of paths."""
+
+    def __init__(self, paths: "queue.Queue[str]"):
+        super().__init__()
+        self.paths = paths
+
+    def dispatch(self, event) -> None:
+        if event.is_directory:
+            if event.event_type in ("created", "moved"):
+                self.paths.put(os.fsdecode(getattr(event, "dest_path", "") or event.src_path) + os.sep)
+            return
+        target = getattr(event, "dest_path", "") if event.event_type == "moved" else event.src_path
+        if target:
+            self.paths.put(os.fsdecode(target))
+
+
+class Watcher:
+    def __init__(self, dirs: list[Path], out: Path, model: BoxModel, options: RunOptions,
+                 watch_options: WatchOptions | None = None, state_dir: Path | None = None,
+                 on_records: Callable[[list[Record]], None] | None = None):
+        self.dirs = dirs
+        self.model = model
+        self.options = options
+        self.wopts = watch_options or WatchOptions()
+        self.session = ReportSession(out, model, options, state_dir)
+        self.runner = Runner(model, options)
+        self.on_records = on_records
+        self.stop_requested = threading.Event()
+        self._events: queue.Queue[str] = queue.Queue()
+        self._pending: dict[str, _Pending] = {}
+        self._excluded = {os.path.realpath(p) for p in self.session.outputs}
+        self.processed = 0
+
+    # -- what to look at ----------------------------------------------------
+    def _excluded_path(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return is_temporary(path) or any(real == e or real.startswith(e + os.sep) for e in self._excluded)
+
+    def _note(self, path: str, now: float) -> None:
+        if path.endswith(os.sep):  # a folder moved or created: take what is inside
+            for inner in scan([path]):
+                self._note(str(inner), now)
+            return
+        if self._excluded_path(path):
+            return
+        fingerprint = Fingerprint.of(path)
+        entry = self._pending.get(path)
+        if entry is None or entry.fingerprint != fingerprint:
+            self._pending[path] = _Pending(fingerprint, now)
+
+    def _drain_events(self, now: float) -> None:
+        while True:
+            try:
+                self._note(self._events.get_nowait(), now)
+            except queue.Empty:
+                return
+
+    def _ready(self, now: float) -> list[str]:
+        """Files unchanged for `settle` seconds; vanished ones are dropped."""
+        ready = []
+        for path, entry in list(self._pending.items()):
+            fingerprint = Fingerprint.of(path)
+            if fingerprint.size < 0:
+                del self._pending[path]          # deleted or renamed away before it settled
+            elif fingerprint != entry.fingerprint:
+                self._pending[path] = _Pending(fingerprint, now)
+            elif now - entry.changed_at >= self.wopts.settle:
+                ready.append(path)
+            if len(ready) >= self.wopts.max_batch_files:
+                break
+        return ready
+
+    # -- processing ---------------------------------------------------------
+    def _process(self, paths: list[str]) -> bool:
+        """Measure ready files; returns True when rows were written."""
+        todo = []
+        for path in paths:
+            del self._pending[path]
+            if self.session.needs(path):
+                todo.append(path)
+        wrote = False
+        for records in self.runner.process(todo):
+            now = time.time()
+            final = []
+            for record in records:
+                if _looks_incomplete(record, now, self.wopts.incomplete_grace):
+                    self._pending[record.path] = _Pending(Fingerprint.of(record.path), time.monotonic())
+                else:
+                    final.append(record)
+            if final:
+                self.session.write(final)
+                self.processed += len(final)
+                wrote = True
+                if self.on_records is not None:
+                    self.on_records(final)
+            if self.stop_requested.is_set():
+                # the rest of this round stays in the ledger's "to do": a restart picks it up
+                break
+        return wrote
+
+    def catch_up(self) -> None:
+        now = time.monotonic()
+        for path in scan(self.dirs, exclude=self.session.outputs):
+            if not self._excluded_path(str(path)):
+                self._pending[str(path)] = _Pending(Fingerprint.of(path), now - self.wopts.settle)
+
+    def run(self, install_signal_handlers: bool = True) -> int:
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        if install_signal_handlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self.stop_requested.set())
+        observer = PollingObserver(timeout=1) if self.wopts.polling else Observer()
+        handler = _Handler(self._events)
+        for folder in self.dirs:
+            observer.schedule(handler, str(folder), recursive=True)
+        observer.start()
+        try:
+            self.catch_up()
+            while not self.stop_requested.is_set():
+                now = time.monotonic()
+                self._drain_events(now)
+                ready = self._ready(now)
+                if ready and self._process(ready):
+                    self.session.summarize()
+                    continue
+                self.stop_requested.wait(self.wopts.poll_interval)
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+            self.session.report.close()
+            self.session.summarize()
+            self.session.close()
+        return 0
