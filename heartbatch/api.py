@@ -33,13 +33,14 @@ def load_model(model: str | Path | BoxModel | None = None) -> BoxModel:
 
 def predict(path: str | Path, model: str | Path | BoxModel | None = None, threshold: float = 0.5) -> Record:
     """Measure one file.  Always returns a Record; check ``.status`` and ``.reason``."""
-    runner = Runner(load_model(model), RunOptions(workers=0, threshold=threshold, batch_size=1))
-    return next(iter(runner.process([path])))[0]
+    with Runner(load_model(model), RunOptions(workers=0, threshold=threshold, batch_size=1)) as runner:
+        return next(iter(runner.process([path])))[0]
 
 
 def predict_folder(folder: str | Path, model: str | Path | BoxModel | None = None, threshold: float = 0.5,
                    batch_size: int = 16, workers: int | None = None) -> Iterator[Record]:
     """Measure every file under ``folder`` (recursively), yielding records as they are ready."""
-    runner = Runner(load_model(model), RunOptions(batch_size=batch_size, workers=workers, threshold=threshold))
-    for records in runner.process(scan([folder])):
-        yield from records
+    options = RunOptions(batch_size=batch_size, workers=workers, threshold=threshold)
+    with Runner(load_model(model), options) as runner:
+        for records in runner.process(scan([folder])):
+            yield from records

@@ -55,6 +55,24 @@ def _add_common(p) -> None:
                    help="add patient_id and accession_number columns (off by default: no identifiers)")
     p.add_argument("--state", type=Path,
                    help="state folder with the ledger of processed files (default: <report>.state/)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds allowed to read one file before it gets an error row (60)")
+    p.add_argument("--debug", action="store_true",
+                   help="write every skipped/error file, with full tracebacks, to <report>.debug.log")
+
+
+def _setup_debug_log(args) -> None:
+    if not getattr(args, "debug", False):
+        return
+    import logging
+
+    from .summary import debug_log_path
+
+    handler = logging.FileHandler(debug_log_path(args.out), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("heartbatch")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 def _add_watch(sub) -> None:
@@ -125,7 +143,7 @@ def cmd_run(args) -> int:
     from .scan import scan
 
     options = RunOptions(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
-                         include_patient_id=args.include_patient_id, threads=args.threads)
+                         include_patient_id=args.include_patient_id, threads=args.threads, timeout=args.timeout)
     info = model.info
     try:
         result = _run_with_progress(args, model, options, console, scan, run)
@@ -150,7 +168,7 @@ def cmd_run(args) -> int:
 def _run_with_progress(args, model, options, console, scan, run):
     """run() with a rich progress bar (rate, ETA), or silently with --quiet."""
     from .ledger import state_dir_for
-    from .summary import summary_paths
+    from .summary import debug_log_path, summary_paths
 
     kwargs = {"state_dir": args.state, "force": args.force}
     if args.quiet:
@@ -161,7 +179,7 @@ def _run_with_progress(args, model, options, console, scan, run):
     info = model.info
     console.print(f"model {info.path.name} [dim]({info.model_id}, input {info.input_size}px, "
                   f"{'heart + thorax' if info.has_thorax else 'heart only: no CTR'})[/dim]")
-    outputs = [args.out, *summary_paths(args.out), args.state or state_dir_for(args.out)]
+    outputs = [args.out, *summary_paths(args.out), debug_log_path(args.out), args.state or state_dir_for(args.out)]
     total = sum(1 for _ in scan(args.paths, exclude=outputs))
     columns = [TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
@@ -193,7 +211,7 @@ def cmd_watch(args) -> int:
     from .watch import WatchOptions, Watcher
 
     options = RunOptions(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
-                         include_patient_id=args.include_patient_id, threads=args.threads)
+                         include_patient_id=args.include_patient_id, threads=args.threads, timeout=args.timeout)
     wopts = WatchOptions(settle=args.settle, incomplete_grace=args.incomplete_grace, polling=args.polling)
 
     def report(records):
@@ -248,11 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    _setup_debug_log(args)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug must not dump a traceback on a user
+        import logging
+
+        logging.getLogger("heartbatch").debug("internal error", exc_info=True)
+        print(f"heartbatch: internal error: {type(exc).__name__}: {exc}"
+              + ("" if getattr(args, "debug", False) else " (run with --debug for the full trace)"),
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,16 @@ def _looks_like_raw_dataset(path: Path) -> bool:
 
 def _open(path: Path) -> Dataset:
     try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ReadError("file disappeared before it could be read") from None
+    except OSError as exc:
+        raise ReadError(f"cannot stat file: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise Skipped("not a regular file (a pipe, socket or device)")
+    if path.stat().st_size == 0:
+        raise Skipped("empty file")
+    try:
         return pydicom.dcmread(path, defer_size="64 KB")
     except InvalidDicomError:
         if not _looks_like_raw_dataset(path):
@@ -171,8 +182,6 @@ def _open(path: Path) -> Dataset:
     except OSError as exc:
         raise ReadError(f"cannot read file: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
-        if Path(path).stat().st_size == 0:
-            raise Skipped("empty file") from None
         raise ReadError(f"corrupt DICOM header: {_short(exc)}") from None
 
 

@@ -7,30 +7,20 @@ images overlaps with running the model on the current batch.
 
 from __future__ import annotations
 
-import multiprocessing
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .dicom import DicomHeader, ReadError, Skipped, read_dicom
 from .model import BoxModel
-from .pixels import preprocess
-from .records import ERROR, SKIPPED, Record, measure
+from .records import Record, measure
+from .workers import DEFAULT_TIMEOUT, DecodePool, Prepared
 
-INLINE_MAX_FILES = 4  # below this, starting worker processes costs more than it saves
-
-
-@dataclass
-class Prepared:
-    path: str
-    header: DicomHeader
-    image: np.ndarray  # S x S model input
-
+log = logging.getLogger("heartbatch")
 
 @dataclass
 class RunOptions:
@@ -39,57 +29,7 @@ class RunOptions:
     threshold: float = 0.5
     include_patient_id: bool = False
     threads: int | None = None       # onnxruntime intra-op threads; None: one per core
-
-
-def prepare(path: str, size: int) -> Prepared | Record:
-    """Read and preprocess one file; every failure becomes a record, never an exception."""
-    try:
-        dicom = read_dicom(path)
-        return Prepared(path, dicom.header, preprocess(dicom.image, size))
-    except Skipped as exc:
-        return Record(path, SKIPPED, exc.reason, exc.header)
-    except ReadError as exc:
-        return Record(path, ERROR, exc.reason, exc.header)
-    except MemoryError:
-        return Record(path, ERROR, "not enough memory to decode this image")
-    except Exception as exc:  # noqa: BLE001 - one bad file never stops a run
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return Record(path, ERROR, f"unexpected {type(exc).__name__}: {detail}".rstrip(": "))
-
-
-def _prepared_stream(paths: Iterable[str], size: int, workers: int) -> Iterator[Prepared | Record]:
-    """prepare() over paths, in worker processes with a bounded number in flight."""
-    paths = iter(paths)
-    head = [p for _, p in zip(range(INLINE_MAX_FILES + 1), paths)]
-    if workers <= 0 or len(head) <= INLINE_MAX_FILES:
-        for path in head:
-            yield prepare(path, size)
-        for path in paths:
-            yield prepare(path, size)
-        return
-    context = multiprocessing.get_context("forkserver")
-    limit = workers * 4
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: set[Future] = set()
-        source = _chain(head, paths)
-        exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < limit:
-                path = next(source, None)
-                if path is None:
-                    exhausted = True
-                    break
-                pending.add(pool.submit(prepare, path, size))
-            if not pending:
-                break
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-
-
-def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
-    yield from head
-    yield from rest
+    timeout: float | None = DEFAULT_TIMEOUT  # seconds per file
 
 
 class Runner:
@@ -98,6 +38,10 @@ class Runner:
     def __init__(self, model: BoxModel, options: RunOptions | None = None):
         self.model = model
         self.options = options or RunOptions()
+        workers = self.options.workers
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        # the pool outlives one call to process(), so `watch` starts its workers once
+        self.pool = DecodePool(workers, model.info.input_size, self.options.timeout)
 
     def _infer(self, batch: list[Prepared]) -> list[Record]:
         info = self.model.info
@@ -107,11 +51,8 @@ class Runner:
 
     def process(self, paths: Iterable[str | Path]) -> Iterator[list[Record]]:
         """Yield lists of records: rejected files as they come, measured ones per batch."""
-        workers = self.options.workers
-        workers = (os.cpu_count() or 1) if workers is None else workers
-        size = self.model.info.input_size
         batch: list[Prepared] = []
-        for item in _prepared_stream((str(p) for p in paths), size, workers):
+        for item in self.pool.map(str(p) for p in paths):
             if isinstance(item, Record):
                 yield [item]
                 continue
@@ -121,6 +62,15 @@ class Runner:
                 batch = []
         if batch:
             yield self._infer(batch)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 @dataclass
@@ -150,7 +100,7 @@ class ReportSession:
                  force: bool = False):
         from .ledger import Ledger, state_dir_for
         from .report import Report, columns
-        from .summary import summary_paths
+        from .summary import debug_log_path, summary_paths
 
         self.out, self.model, self.options = out, model, options
         self.state_dir = state_dir or state_dir_for(out)
@@ -164,7 +114,7 @@ class ReportSession:
             self.ledger.close()
             raise
         self.settings = settings_key(model, options)
-        self.outputs = [out, *summary_paths(out), self.state_dir]
+        self.outputs = [out, *summary_paths(out), debug_log_path(out), self.state_dir]
         self._fingerprints: dict = {}
 
     def needs(self, path: str | Path) -> bool:
@@ -180,6 +130,10 @@ class ReportSession:
 
     def write(self, records: list[Record]) -> None:
         self.report.write(records, self._fingerprints, self.settings)
+        for record in records:
+            if record.status != "ok":
+                log.debug("%s: %s: %s%s", record.status, record.path, record.reason,
+                          "\n" + record.detail if record.detail else "")
         for record in records:
             self._fingerprints.pop(record.path, None)
 
@@ -222,12 +176,13 @@ def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions
                     if on_unchanged is not None:
                         on_unchanged()
 
-        for records in Runner(model, options).process(todo()):
-            session.write(records)
-            for record in records:
-                counts[record.status] += 1
-            if on_records is not None:
-                on_records(records)
+        with Runner(model, options) as runner:
+            for records in runner.process(todo()):
+                session.write(records)
+                for record in records:
+                    counts[record.status] += 1
+                if on_records is not None:
+                    on_records(records)
         session.report.close()
         json_path, md_path, summary = session.summarize()
     return RunResult(out, json_path, md_path, counts, unchanged, summary, time.monotonic() - started)

@@ -25,6 +25,7 @@ class Record:
     thoracic_width_mm: float | None = None
     enlarged: bool | None = None
     model_id: str = ""
+    detail: str = ""                  # traceback for --debug logs; never written to the report
 
     @property
     def ok(self) -> bool:

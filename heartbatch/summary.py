@@ -21,6 +21,11 @@ def summary_paths(report: Path) -> tuple[Path, Path]:
     return Path(f"{stem}.summary.json"), Path(f"{stem}.summary.md")
 
 
+def debug_log_path(report: Path) -> Path:
+    stem = report.with_suffix("") if report.suffix else report
+    return Path(f"{stem}.debug.log")
+
+
 def read_report(report: Path):
     import pandas as pd
 

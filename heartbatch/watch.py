@@ -197,6 +197,7 @@ class Watcher:
         finally:
             observer.stop()
             observer.join(timeout=5)
+            self.runner.close()
             self.session.report.close()
             self.session.summarize()
             self.session.close()
