@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,27 @@ def _looks_like_raw_dataset(path: Path) -> bool:
     return len(head) == 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[3] == 0
 
 
+TRUNCATION_WARNINGS = ("end of file", "delimiter", "truncat", "ended prematurely")
+
+
+def _read(path: Path, force: bool = False) -> Dataset:
+    """dcmread that turns pydicom's truncation warnings into a ReadError.
+
+    pydicom only warns when a file ends inside encapsulated pixel data and
+    then returns what it has, which can be an empty dataset: that is a cut-off
+    copy, not a file without pixels.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path, defer_size="64 KB", force=force)
+    for warning in caught:
+        if any(word in str(warning.message).lower() for word in TRUNCATION_WARNINGS):
+            raise ReadError("truncated file: it ends before its data does (an incomplete copy?); copy it again")
+    if len(ds) == 0:
+        raise ReadError("corrupt DICOM: no data elements could be read after the file meta")
+    return ds
+
+
 def _open(path: Path) -> Dataset:
     try:
         mode = path.stat().st_mode
@@ -165,14 +187,18 @@ def _open(path: Path) -> Dataset:
     if path.stat().st_size == 0:
         raise Skipped("empty file")
     try:
-        return pydicom.dcmread(path, defer_size="64 KB")
+        return _read(path)
     except InvalidDicomError:
         if not _looks_like_raw_dataset(path):
             raise Skipped("not a DICOM file") from None
         try:
-            return pydicom.dcmread(path, defer_size="64 KB", force=True)
+            return _read(path, force=True)
+        except ReadError:
+            raise
         except Exception as exc:  # noqa: BLE001
-            raise ReadError(f"unreadable DICOM without file meta: {exc}") from None
+            raise ReadError(f"unreadable DICOM without file meta: {_short(exc)}") from None
+    except ReadError:
+        raise
     except PermissionError:
         raise ReadError("permission denied; check the file's read permissions") from None
     except FileNotFoundError:
