@@ -68,7 +68,12 @@ def _setup_debug_log(args) -> None:
 
     from .summary import debug_log_path
 
-    handler = logging.FileHandler(debug_log_path(args.out), encoding="utf-8")
+    class _DebugLog(logging.FileHandler):
+        def _open(self):  # the report's folder may not exist yet: `run` creates it later
+            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            return super()._open()
+
+    handler = _DebugLog(debug_log_path(args.out), encoding="utf-8", errors="backslashreplace", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("heartbatch")
     logger.addHandler(handler)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -172,6 +173,15 @@ def _read(path: Path, force: bool = False) -> Dataset:
             raise ReadError("truncated file: it ends before its data does (an incomplete copy?); copy it again")
     if len(ds) == 0:
         raise ReadError("corrupt DICOM: no data elements could be read after the file meta")
+    meta = ds.file_meta
+    if "TransferSyntaxUID" not in meta and ds.original_encoding[0] is not None:
+        implicit, little = ds.original_encoding  # no file meta: decode pixels as the dataset was read
+        meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                  pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    if (isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF
+            and raw.value_tell + raw.length > Path(path).stat().st_size):
+        raise ReadError("truncated file: it ends inside its pixel data (an incomplete copy?); copy it again")
     return ds
 
 
@@ -179,6 +189,8 @@ def _open(path: Path) -> Dataset:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
+        if path.is_symlink():
+            raise ReadError("broken symbolic link: its target does not exist") from None
         raise ReadError("file disappeared before it could be read") from None
     except OSError as exc:
         raise ReadError(f"cannot stat file: {exc.strerror or exc}") from None
@@ -279,10 +291,14 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
                 break  # a real decoding failure, not a missing plugin: don't retry
     exc = errors[-1]
     message = _short(exc)
-    if "no pixel data decoders" in str(exc).lower() or "missing required dependencies" in str(exc).lower():
+    text = str(exc).lower()
+    if "no pixel data decoders" in text or "missing required dependencies" in text \
+            or "missing dependencies" in text:
         name = UID(syntax).name if syntax else "this transfer syntax"
+        options = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
         raise ReadError(f"no decoder installed for {name}; install pylibjpeg-libjpeg, "
-                        f"pylibjpeg-openjpeg and pylibjpeg-rle (or python-gdcm)") from None
+                        f"pylibjpeg-openjpeg and pylibjpeg-rle (or python-gdcm)"
+                        + (f" [{options}]" if options else "")) from None
     raise ReadError(f"pixel data could not be decoded: {message}") from None
 
 
@@ -382,3 +398,7 @@ def read_dicom(path: str | Path) -> DicomImage:
     except (Skipped, ReadError) as exc:
         exc.header = header
         raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises AttributeError, struct.error... on corrupt data
+        raise ReadError(f"corrupt pixel data or image attributes: {_short(exc)}", header) from None

@@ -72,7 +72,7 @@ def header_line(include_patient_id: bool = False) -> str:
 
 def ledger_key(path: str) -> str:
     """Files are known by absolute path, so `run studies` and `run ./studies` agree."""
-    return os.path.abspath(path)
+    return os.path.abspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -38,8 +38,8 @@ class Prepared:
     image: np.ndarray  # S x S model input
 
 
-class FileTimeout(Exception):
-    pass
+class FileTimeout(BaseException):
+    """A BaseException, so no library's `except Exception` swallows the time limit."""
 
 
 def _on_alarm(signum, frame):
@@ -61,10 +61,15 @@ def _prepare(path: str, size: int) -> Prepared | Record:
         return Record(path, ERROR, exc.reason, exc.header)
     except MemoryError:
         return Record(path, ERROR, "not enough memory to decode this image")
-    except FileTimeout:
+    except (FileTimeout, KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - one bad file never stops a run
         record = Record(path, ERROR, f"unexpected {type(exc).__name__}: {_first_line(exc)}".rstrip(": "))
+        record.detail = traceback.format_exc()
+        return record
+    except BaseException as exc:  # noqa: BLE001 - Rust decoders panic with pyo3's PanicException
+        record = Record(path, ERROR, f"the decoder failed on this file ({type(exc).__name__}: "
+                                     f"{_first_line(exc)})")
         record.detail = traceback.format_exc()
         return record
 

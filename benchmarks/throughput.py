@@ -1,0 +1,212 @@
+"""Throughput: the original project's prediction path vs `heartbatch run` vs this machine's limit.
+
+    python benchmarks/throughput.py [--n 300] [--repeats 3] [--json out.json]
+
+Builds (outside the repo, in --workdir) N frontal CR DICOMs, 1024 x 1024, 8-bit
+MONOCHROME2, JPEG Baseline, from the shared PNGs, and a 12-bit JPEG 2000
+lossless variant, then measures end-to-end images/s of:
+
+  (a) original: pydicom dcmread -> pixel_array / 255 -> resize 224 -> PyTorch
+      eager network, one image at a time (the same network as the shipped model,
+      loaded from --checkpoint; needs the [train] extra);
+  (b) heartbatch run with its defaults, as a user runs it (a subprocess, startup included);
+  (c) the floor: decode+preprocess only (1 process, and a pool of one per core),
+      inference only (onnxruntime, best batch size and threads), and the ideal
+      pipelined rate those imply on this machine's cores:
+      cores / (1/decode_per_core + 1/infer_per_core).
+
+Each measurement is repeated; medians are reported with b/a and b/ideal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, build_folder, timed_command  # noqa: E402
+
+
+def original_path(files: list[Path], net) -> float:
+    """images/s of the original project's way: one file at a time, torch eager."""
+    import pydicom
+    import torch
+    from PIL import Image
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for f in files:
+            img = pydicom.dcmread(f).pixel_array / 255
+            img = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((224, 224)))
+            net(torch.from_numpy(img)[None, None].float())
+    return len(files) / (time.perf_counter() - start)
+
+
+def load_torch_net(checkpoint: Path | None):
+    import torch
+
+    from exporter.net import HeartBoxNet
+
+    if checkpoint and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        net = HeartBoxNet(mean=state["config"]["mean"], std=state["config"]["std"])
+        net.load_state_dict(state["model"])
+    else:
+        print(f"note: {checkpoint} not found; timing a randomly initialised network of the same shape")
+        net = HeartBoxNet()
+    torch.set_num_threads(os.cpu_count() or 1)
+    return net.eval()
+
+
+def heartbatch_run(folder: Path, workdir: Path, model: Path | None) -> tuple[float, int]:
+    out = workdir / f"report-{time.monotonic_ns()}.csv"
+    cmd = [sys.executable, "-m", "heartbatch", "run", str(folder), "--out", str(out), "--quiet"]
+    if model:
+        cmd += ["--model", str(model)]
+    seconds, peak, result = timed_command(cmd, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"heartbatch run failed ({result.returncode}): {result.stderr[-2000:]}")
+    n = json.loads(result.stdout.strip().splitlines()[-1])["ok"]
+    return n / seconds, peak
+
+
+def decode_only(files: list[Path], size: int, workers: int) -> float:
+    from heartbatch.workers import DecodePool
+
+    pool = DecodePool(workers, size)
+    try:
+        if workers:
+            list(pool.map(str(f) for f in files[:8]))  # start the pool outside the timing
+        start = time.perf_counter()
+        results = list(pool.map(str(f) for f in files))
+        seconds = time.perf_counter() - start
+    finally:
+        pool.close()
+    assert all(not hasattr(r, "status") for r in results), "decode-only run hit unreadable files"
+    return len(files) / seconds
+
+
+def inference_only(model_path: Path | None, threads: int, batch: int, n: int) -> float:
+    from heartbatch.model import BoxModel
+
+    model = BoxModel(model_path, threads=threads)
+    size = model.info.input_size
+    images = np.random.default_rng(0).random((batch, size, size), dtype=np.float32)
+    model.predict(images)
+    rounds = max(1, n // batch)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        model.predict(images)
+    return rounds * batch / (time.perf_counter() - start)
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "heartbatch-bench")
+    p.add_argument("--model", type=Path, help="ONNX model (default: the shipped model)")
+    p.add_argument("--checkpoint", type=Path, default=REPO / "runs" / "default" / "best.pt",
+                   help="torch checkpoint of the same network for the original path")
+    p.add_argument("--skip-original", action="store_true", help="no torch: skip (a)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    cores = os.cpu_count() or 1
+    jpeg = build_folder(args.workdir / f"jpeg-{args.n}", args.n)
+    j2k = build_folder(args.workdir / f"j2k12-{args.n}", args.n, bits=12, syntax="j2k")
+    files = sorted(jpeg.glob("*.dcm"))
+    j2k_files = sorted(j2k.glob("*.dcm"))
+    from heartbatch.model import BoxModel
+
+    size = BoxModel(args.model).info.input_size
+    net = None if args.skip_original else load_torch_net(args.checkpoint)
+
+    runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b_j2k", "decode1", "decode_pool", "decode1_j2k")}
+    peaks = []
+    for r in range(args.repeats):
+        print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
+        if net is not None:
+            runs["a"].append(original_path(files, net))
+        rate, peak = heartbatch_run(jpeg, args.workdir, args.model)
+        runs["b"].append(rate)
+        peaks.append(peak)
+        runs["b_j2k"].append(heartbatch_run(j2k, args.workdir, args.model)[0])
+        runs["decode1"].append(decode_only(files, size, 0))
+        runs["decode_pool"].append(decode_only(files, size, cores))
+        runs["decode1_j2k"].append(decode_only(j2k_files[: max(20, args.n // 5)], size, 0))
+    grid = {}
+    for threads in sorted({1, cores}):
+        for batch in (1, 8, 16, 32):
+            grid[(threads, batch)] = median([inference_only(args.model, threads, batch, 64)
+                                             for _ in range(args.repeats)])
+    best_all = max(grid.items(), key=lambda kv: kv[1])
+    best_one_thread = max(v for (t, _), v in grid.items() if t == 1)
+    d1 = median(runs["decode1"])
+    ideal = cores / (1 / d1 + 1 / best_one_thread)
+    d1_j2k = median(runs["decode1_j2k"])
+    ideal_j2k = cores / (1 / d1_j2k + 1 / best_one_thread)
+    result = {
+        "machine": {"cores": cores, "python": sys.version.split()[0]},
+        "n": args.n, "repeats": args.repeats,
+        "a_original_img_s": median(runs["a"]) if runs["a"] else None,
+        "b_heartbatch_run_img_s": median(runs["b"]),
+        "b_heartbatch_run_j2k12_img_s": median(runs["b_j2k"]),
+        "decode_1proc_img_s": d1,
+        "decode_pool_img_s": median(runs["decode_pool"]),
+        "decode_1proc_j2k12_img_s": d1_j2k,
+        "inference_best": {"threads": best_all[0][0], "batch": best_all[0][1], "img_s": best_all[1]},
+        "inference_1thread_best_img_s": best_one_thread,
+        "inference_grid": {f"threads={t},batch={b}": v for (t, b), v in grid.items()},
+        "ideal_pipelined_img_s": ideal,
+        "ideal_pipelined_j2k12_img_s": ideal_j2k,
+        "peak_rss_mb_b": max(peaks) / 2**20,
+        "raw": runs,
+    }
+    b = result["b_heartbatch_run_img_s"]
+    result["b_over_a"] = b / result["a_original_img_s"] if result["a_original_img_s"] else None
+    result["b_over_ideal"] = b / ideal
+    result["b_j2k_over_ideal"] = result["b_heartbatch_run_j2k12_img_s"] / ideal_j2k
+
+    def f(v, d=1):
+        return "–" if v is None else f"{v:.{d}f}"
+
+    rows = [
+        ("(a) original path (dcmread, /255, resize, torch eager, 1 at a time)", f(result["a_original_img_s"])),
+        ("(b) heartbatch run, defaults (JPEG Baseline 8-bit)", f(b)),
+        ("(b) heartbatch run, defaults (JPEG 2000 lossless 12-bit)", f(result["b_heartbatch_run_j2k12_img_s"])),
+        ("decode+preprocess, 1 process (JPEG Baseline)", f(d1)),
+        (f"decode+preprocess, pool of {cores} (JPEG Baseline)", f(result["decode_pool_img_s"])),
+        ("decode+preprocess, 1 process (J2K 12-bit)", f(d1_j2k)),
+        (f"inference only, best (threads={best_all[0][0]}, batch={best_all[0][1]})", f(best_all[1])),
+        ("inference only, 1 thread, best batch", f(best_one_thread)),
+        (f"ideal pipelined on {cores} cores (JPEG Baseline)", f(ideal)),
+        (f"ideal pipelined on {cores} cores (J2K 12-bit)", f(ideal_j2k)),
+        ("b / a", f(result["b_over_a"], 2)),
+        ("b / ideal (JPEG Baseline)", f(result["b_over_ideal"], 2)),
+        ("b / ideal (J2K 12-bit)", f(result["b_j2k_over_ideal"], 2)),
+        ("peak RSS of (b), MB", f(result["peak_rss_mb_b"], 0)),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"N={args.n}, {args.repeats} repeats, medians, images/s, {cores} cores")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>8}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
