@@ -137,6 +137,14 @@ class Report:
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
+    def sync(self) -> None:
+        """Drop the rows that re-measured files superseded, now (watch calls this after each batch)."""
+        if self._stale:
+            self._fh.close()
+            self._rewrite()
+            self._stale = False
+            self._fh = open(self.path, "a", encoding="utf-8", newline="")
+
     def close(self) -> None:
         self._fh.close()
         if self._stale:  # drop the rows that changed files replaced

@@ -57,7 +57,8 @@ def is_temporary(path: str) -> bool:
 
 def _looks_incomplete(record: Record, now: float, grace: float) -> bool:
     """A failure on a file modified moments ago is most likely a copy in progress."""
-    if record.status == ERROR or (record.status == SKIPPED and record.reason in INCOMPLETE_SKIPS):
+    if record.status == ERROR or (record.status == SKIPPED and (record.reason in INCOMPLETE_SKIPS
+                                                                or record.reason.startswith("no pixel data"))):
         try:
             return now - os.stat(record.path).st_mtime < grace
         except OSError:
@@ -191,6 +192,7 @@ class Watcher:
                 self._drain_events(now)
                 ready = self._ready(now)
                 if ready and self._process(ready):
+                    self.session.report.sync()
                     self.session.summarize()
                     continue
                 self.stop_requested.wait(self.wopts.poll_interval)

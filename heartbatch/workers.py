@@ -11,8 +11,10 @@ worker twice gets an `error` row.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -94,6 +96,22 @@ def prepare(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT) -> Pr
         signal.signal(signal.SIGALRM, previous)
 
 
+def _end_with(main_pid: int) -> None:
+    """Worker initializer: exit when the main process is gone (kill -9, OOM killer), so no
+    orphaned worker, forkserver or resource tracker is left behind."""
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(main_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="end-with-main", daemon=True).start()
+
+
 class DecodePool:
     """prepare() over many paths in worker processes, results in completion order."""
 
@@ -107,8 +125,9 @@ class DecodePool:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["heartbatch.workers"])
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            context.set_forkserver_preload(["heartbatch._forkserver", "heartbatch.workers"])
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                                 initializer=_end_with, initargs=(os.getpid(),))
         return self._executor
 
     def _reset(self) -> None:

@@ -1,0 +1,509 @@
+"""Resumable `heartbatch run`: the ledger, re-runs, changed and new files, the
+report lock, and `kill -9` at random moments followed by restarts.
+
+The crash test runs the real command in real subprocesses (with decode worker
+processes) and kills it with SIGKILL; every wait is bounded and every process
+group started here is killed in teardown.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from dicom_factory import truncate, write_dicom
+from heartbatch import cli
+from heartbatch.ledger import Ledger, state_dir_for
+from heartbatch.report import COLUMNS
+from heartbatch.summary import summary_paths
+
+REPO = Path(__file__).resolve().parents[1]
+#: Override to replay another sequence of kill moments: HEARTBATCH_CRASH_SEED=123 pytest ...
+CRASH_SEED = int(os.environ.get("HEARTBATCH_CRASH_SEED", "20240115"))
+MIN_KILLS = 5
+
+
+# --- helpers -------------------------------------------------------------------
+
+def thumbnail(png: Path, size: int = 128) -> np.ndarray:
+    """A real chest X-ray, downsized so hundreds of files stay cheap to decode."""
+    with Image.open(png) as im:
+        return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def write_chests(folder: Path, pngs: list[Path], count: int, start: int = 0, size: int = 128,
+                 prefix: str = "cxr") -> list[Path]:
+    """``count`` real frontal chest DICOMs (uncompressed), one study each."""
+    paths = []
+    for i in range(start, start + count):
+        paths.append(write_dicom(folder / f"{prefix}_{i:04d}.dcm", thumbnail(pngs[i % len(pngs)], size),
+                                 patient_id=f"HB-{i:04d}", accession=f"ACC{i:04d}"))
+    return paths
+
+
+def hb_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def hb(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "heartbatch", *(str(a) for a in args)]
+
+
+class Processes:
+    """Processes started by a test; each in its own session so that its whole
+    group (decode workers, forkserver) can be killed in teardown."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], name: str) -> subprocess.Popen:
+        log = open(self.tmp_path / f"{name}.{len(self.started)}.log", "wb")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=hb_env(), cwd=REPO, start_new_session=True)
+        log.close()
+        proc.log = Path(log.name)  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
+    def run(self, args: list[str], name: str, timeout: float = 120) -> tuple[int, str]:
+        """Run to completion (bounded); returns (exit code, output)."""
+        proc = self.start(args, name)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group(proc)
+            pytest.fail(f"{' '.join(args)} did not finish within {timeout} s:\n{output(proc)}")
+        self.kill_group(proc)
+        return proc.returncode, output(proc)
+
+    @staticmethod
+    def kill_group(proc: subprocess.Popen) -> None:
+        """Kill the process, then whatever it left behind in its session (forkserver, decode
+        workers, even in a process group of their own)."""
+        if proc.poll() is None:
+            proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def cleanup(self) -> None:
+        for proc in self.started:
+            self.kill_group(proc)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid`` (Linux /proc; empty elsewhere)."""
+    members = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.getsid(int(entry)) != sid:
+                continue
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                state = fh.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != b"Z":
+            members.append(int(entry))
+    return members
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text(errors="replace")  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.cleanup()
+
+
+def quiet_json(text: str) -> dict:
+    lines = [line for line in text.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON line in the output:\n{text}"
+    return json.loads(lines[-1])
+
+
+def run_inprocess(capsys, inputs, out: Path, model: Path, *extra) -> tuple[int, dict]:
+    """`heartbatch run --quiet` in this process, no worker processes."""
+    capsys.readouterr()
+    code = cli.main(["run", *[str(p) for p in (inputs if isinstance(inputs, list) else [inputs])],
+                     "--out", str(out), "--model", str(model), "--workers", "0", "--threads", "1",
+                     "--quiet", *[str(e) for e in extra]])
+    captured = capsys.readouterr()
+    return code, (quiet_json(captured.out) if code in (0, 4) else {"stderr": captured.err})
+
+
+def body_lines(report: Path) -> list[str]:
+    """Data lines as written (with their newline; a last line without one is partial)."""
+    text = report.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    assert lines and lines[0] == ",".join(COLUMNS) + "\n", f"bad header in {report}: {lines[:1]}"
+    return lines[1:]
+
+
+def check_report(report: Path, expected_paths: set[str] | None = None) -> list[dict[str, str]]:
+    """Every row complete, well formed and alone for its file; returns the rows."""
+    lines = body_lines(report)
+    for line in lines:
+        assert line.endswith("\n"), f"partial line in {report}: {line!r}"
+        fields = next(csv.reader(io.StringIO(line)))
+        assert len(fields) == len(COLUMNS), f"row with {len(fields)} fields: {line!r}"
+        assert fields[1] in ("ok", "skipped", "error"), line
+    rows = [dict(zip(COLUMNS, next(csv.reader(io.StringIO(line))))) for line in lines]
+    paths = [r["path"] for r in rows]
+    duplicates = sorted({p for p in paths if paths.count(p) > 1})
+    assert not duplicates, f"files with more than one row: {duplicates}"
+    if expected_paths is not None:
+        missing, unexpected = sorted(expected_paths - set(paths)), sorted(set(paths) - expected_paths)
+        assert not missing and not unexpected, f"missing: {missing[:5]}, unexpected: {unexpected[:5]}"
+    return rows
+
+
+def check_summary_agrees(report: Path) -> dict:
+    rows = check_report(report)
+    summary = json.loads(summary_paths(report)[0].read_text())
+    assert summary["files"]["total"] == len(rows)
+    assert summary["files"]["by_status"] == {s: sum(r["status"] == s for r in rows)
+                                             for s in ("ok", "skipped", "error")}
+    assert summary["ctr"]["n"] == sum(r["status"] == "ok" and r["ctr"] != "" for r in rows)
+    return summary
+
+
+def count_complete_rows(report: Path) -> int:
+    try:
+        data = report.read_bytes()
+    except FileNotFoundError:
+        return 0
+    return max(data.count(b"\n") - 1, 0)
+
+
+# --- re-runs -------------------------------------------------------------------
+
+@pytest.fixture
+def chest_dir(tmp_path, chest_pngs) -> Path:
+    """Ten frontal chests, a lateral, a text file and a truncated DICOM: all three statuses."""
+    folder = tmp_path / "studies"
+    write_chests(folder, chest_pngs, 10)
+    write_dicom(folder / "lateral.dcm", thumbnail(chest_pngs[20]), view_position="LL")
+    (folder / "notes.txt").write_text("not a DICOM file\n")
+    truncate(write_dicom(folder / "cut.dcm", thumbnail(chest_pngs[21])), 0.6)
+    return folder
+
+
+def test_second_run_processes_nothing_and_leaves_the_report_byte_identical(chest_dir, intensity_model,
+                                                                            tmp_path, capsys):
+    out = tmp_path / "out" / "report.csv"
+    code, first = run_inprocess(capsys, chest_dir, out, intensity_model)
+    assert code == 0
+    assert (first["processed"], first["unchanged"]) == (13, 0)
+    assert (first["ok"], first["skipped"], first["error"]) == (10, 2, 1)
+    report_bytes = out.read_bytes()
+    summary_json = summary_paths(out)[0].read_text()
+
+    code, second = run_inprocess(capsys, chest_dir, out, intensity_model)
+    assert code == 0
+    assert (second["files"], second["processed"], second["unchanged"]) == (13, 0, 13)
+    assert (second["ok"], second["skipped"], second["error"]) == (0, 0, 0)
+    assert out.read_bytes() == report_bytes
+    assert json.loads(summary_paths(out)[0].read_text()) == json.loads(summary_json)
+    check_summary_agrees(out)
+
+
+def test_same_folder_given_another_way_is_the_same_files(chest_dir, intensity_model, tmp_path, capsys,
+                                                         monkeypatch):
+    """The ledger knows files by absolute path: `run studies` then `run ./studies/` re-does nothing."""
+    out = tmp_path / "report.csv"
+    assert run_inprocess(capsys, chest_dir, out, intensity_model)[0] == 0
+    monkeypatch.chdir(chest_dir.parent)
+    code, again = run_inprocess(capsys, Path(".") / chest_dir.name, out, intensity_model)
+    assert code == 0
+    assert (again["processed"], again["unchanged"]) == (0, 13)
+
+
+def test_force_measures_every_file_again_without_duplicating_rows(chest_dir, intensity_model, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "report.csv"
+    assert run_inprocess(capsys, chest_dir, out, intensity_model)[0] == 0
+    before = body_lines(out)
+    code, forced = run_inprocess(capsys, chest_dir, out, intensity_model, "--force")
+    assert code == 0
+    assert (forced["processed"], forced["unchanged"]) == (13, 0)
+    after = body_lines(out)
+    assert len(after) == 13
+    assert sorted(after) == sorted(before)
+    check_summary_agrees(out)
+
+
+def test_changed_file_is_measured_again_and_its_row_replaced(chest_dir, intensity_model, tmp_path, capsys,
+                                                             chest_pngs):
+    out = tmp_path / "report.csv"
+    assert run_inprocess(capsys, chest_dir, out, intensity_model)[0] == 0
+    target = chest_dir / "cxr_0003.dcm"
+    old_rows = {r["path"]: r for r in check_report(out)}
+    old_lines = body_lines(out)
+    old_stat = target.stat()
+
+    # the same file name, new content: an inverted chest has a very different mean, so a
+    # different CTR with the intensity model, and a new SOP Instance UID
+    write_dicom(target, 255 - thumbnail(chest_pngs[3]))
+    new_stat = target.stat()
+    if (new_stat.st_size, new_stat.st_mtime_ns) == (old_stat.st_size, old_stat.st_mtime_ns):
+        os.utime(target, ns=(new_stat.st_atime_ns, old_stat.st_mtime_ns + 1_000_000_000))
+    new_uid = pydicom.dcmread(target, stop_before_pixels=True).SOPInstanceUID
+
+    code, result = run_inprocess(capsys, chest_dir, out, intensity_model)
+    assert code == 0
+    assert (result["processed"], result["unchanged"]) == (1, 12)
+    rows = check_report(out, set(old_rows))  # exactly one row per file, the changed one included
+    new_row = next(r for r in rows if r["path"] == str(target))
+    assert new_row["status"] == "ok"
+    assert new_row["sop_instance_uid"] == new_uid != old_rows[str(target)]["sop_instance_uid"]
+    assert abs(float(new_row["ctr"]) - float(old_rows[str(target)]["ctr"])) > 0.01
+    # the other rows are untouched, byte for byte
+    assert sorted(line for line in body_lines(out) if not line.startswith(str(target) + ",")) == \
+        sorted(line for line in old_lines if not line.startswith(str(target) + ","))
+    check_summary_agrees(out)
+
+    # and once more: nothing to do, report unchanged
+    report_bytes = out.read_bytes()
+    code, again = run_inprocess(capsys, chest_dir, out, intensity_model)
+    assert (code, again["processed"], again["unchanged"]) == (0, 0, 13)
+    assert out.read_bytes() == report_bytes
+
+
+def test_new_file_is_appended(chest_dir, intensity_model, tmp_path, capsys, chest_pngs):
+    out = tmp_path / "report.csv"
+    assert run_inprocess(capsys, chest_dir, out, intensity_model)[0] == 0
+    before = out.read_bytes()
+    added = write_chests(chest_dir / "later", chest_pngs, 1, start=40, prefix="new")[0]
+    code, result = run_inprocess(capsys, chest_dir, out, intensity_model)
+    assert code == 0
+    assert (result["processed"], result["unchanged"]) == (1, 13)
+    after = out.read_bytes()
+    assert after.startswith(before), "existing rows were rewritten instead of the new row appended"
+    (new_line,) = after[len(before):].decode().splitlines()
+    assert new_line.startswith(str(added) + ",ok,")
+    check_summary_agrees(out)
+
+
+def test_another_model_measures_again_into_the_same_rows(chest_dir, intensity_model, box8_model, tmp_path,
+                                                         capsys):
+    """The ledger key includes the model: a new model re-measures, rows are replaced."""
+    out = tmp_path / "report.csv"
+    assert run_inprocess(capsys, chest_dir, out, intensity_model)[0] == 0
+    code, result = run_inprocess(capsys, chest_dir, out, box8_model)
+    assert code == 0
+    assert (result["processed"], result["unchanged"]) == (13, 0)
+    rows = check_report(out)
+    assert len(rows) == 13
+    assert {r["ctr"] for r in rows if r["status"] == "ok"} == {"0.5000"}
+    check_summary_agrees(out)
+
+
+# --- one writer per report -------------------------------------------------------
+
+def test_second_writer_fails_fast_while_the_report_is_locked(chest_dir, intensity_model, tmp_path, procs):
+    out = tmp_path / "report.csv"
+    holder = Ledger(state_dir_for(out))  # what a running `heartbatch run` holds
+    try:
+        started = time.monotonic()
+        code, text = procs.run(hb("run", chest_dir, "--out", out, "--model", intensity_model, "--workers", "0",
+                                  "--quiet"), "locked", timeout=60)
+        elapsed = time.monotonic() - started
+        assert code == 2, text
+        assert "lock" in text.lower() and "another heartbatch process" in text.lower(), text
+        assert elapsed < 30, f"refusal took {elapsed:.1f} s: it should not wait for the lock"
+        assert not out.exists() or count_complete_rows(out) == 0
+    finally:
+        holder.close()
+    code, text = procs.run(hb("run", chest_dir, "--out", out, "--model", intensity_model, "--workers", "0",
+                              "--quiet"), "unlocked", timeout=120)
+    assert code == 0, text
+    assert quiet_json(text)["processed"] == 13
+
+
+def test_run_is_refused_while_watch_writes_the_same_report(chest_dir, intensity_model, tmp_path, procs):
+    """Two real processes: `watch` holds the report, a concurrent `run` exits 2 at once."""
+    out = tmp_path / "report.csv"
+    watcher = procs.start(hb("watch", chest_dir, "--out", out, "--model", intensity_model, "--workers", "0",
+                             "--threads", "1", "--settle", "0.2", "--incomplete-grace", "0.5", "--quiet"), "watch")
+    deadline = time.monotonic() + 90
+    while count_complete_rows(out) < 13:  # catch-up done: the lock is certainly held
+        assert watcher.poll() is None, f"watch exited early:\n{output(watcher)}"
+        assert time.monotonic() < deadline, f"watch did not catch up within 90 s:\n{output(watcher)}"
+        time.sleep(0.05)
+    report_bytes = out.read_bytes()
+    started = time.monotonic()
+    code, text = procs.run(hb("run", chest_dir, "--out", out, "--model", intensity_model, "--workers", "0",
+                              "--quiet", "--force"), "run", timeout=60)
+    assert code == 2, text
+    assert "lock" in text.lower(), text
+    assert time.monotonic() - started < 30
+    assert out.read_bytes() == report_bytes, "the refused run touched the report"
+    assert watcher.poll() is None, "the refused run stopped the watcher"
+    watcher.send_signal(signal.SIGTERM)
+    try:
+        assert watcher.wait(timeout=30) == 0, output(watcher)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"watch did not stop within 30 s of SIGTERM:\n{output(watcher)}")
+
+
+# --- kill -9 at random moments ------------------------------------------------------
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_decode_workers_behind(tmp_path, chest_pngs, box8_model, procs):
+    """The OOM killer or `kill -9` takes the main process only: its decode workers (and the
+    forkserver that started them) must not live on, orphaned, after it."""
+    folder = tmp_path / "studies"
+    write_chests(folder, chest_pngs, 150)
+    out = tmp_path / "report.csv"
+    proc = procs.start(hb("run", folder, "--out", out, "--model", box8_model, "--workers", "2", "--threads", "1",
+                          "--batch-size", "4", "--quiet"), "run")
+    deadline = time.monotonic() + 120
+    while count_complete_rows(out) < 8:
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{output(proc)}"
+        assert time.monotonic() < deadline, "no rows within 120 s"
+        time.sleep(0.01)
+    assert len(session_members(proc.pid)) >= 3, "expected the run, a forkserver and decode workers"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+            for pid in session_members(proc.pid)]
+    assert not left, f"{len(left)} processes still running 15 s after kill -9 of the run: {left}"
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_restart_gives_exactly_the_uninterrupted_report(
+        tmp_path, chest_pngs, intensity_model, procs):
+    """>= 200 real DICOMs; the real command, with decode worker processes, is killed with
+    SIGKILL at random moments at least five times, each followed by the same command again.
+    The final report equals the uninterrupted run's, row for row."""
+    rng = random.Random(CRASH_SEED)
+    folder = tmp_path / "studies"
+    files = write_chests(folder, chest_pngs, 236)
+    files.append(write_dicom(folder / "lateral.dcm", thumbnail(chest_pngs[300]), view_position="LL"))
+    files.append(truncate(write_dicom(folder / "cut.dcm", thumbnail(chest_pngs[301])), 0.6))
+    (folder / "README.txt").write_text("exported by hand\n")
+    files.append(folder / "README.txt")
+    expected = {str(p) for p in files}
+
+    def command(out: Path) -> list[str]:
+        return hb("run", folder, "--out", out, "--model", intensity_model, "--workers", "2", "--threads", "1",
+                  "--batch-size", "4", "--quiet")
+
+    # the reference: uninterrupted
+    ref = tmp_path / "ref" / "report.csv"
+    started = time.monotonic()
+    code, text = procs.run(command(ref), "reference", timeout=300)
+    run_time = time.monotonic() - started
+    assert code == 0, text
+    assert quiet_json(text)["processed"] == len(expected)
+    ref_lines = body_lines(ref)
+    check_report(ref, expected)
+    ref_summary = check_summary_agrees(ref)
+    started = time.monotonic()
+    code, text = procs.run(command(ref), "reference-again", timeout=300)
+    startup = time.monotonic() - started  # what a run costs with nothing to do
+    assert code == 0 and quiet_json(text)["processed"] == 0, text
+    work = max(run_time - startup, 0.5)
+
+    out = tmp_path / "crash" / "report.csv"
+    kills: list[tuple[str, float, int]] = []  # (how, seconds after start, rows before the kill)
+    rounds = 0
+    while len(kills) < MIN_KILLS:
+        rounds += 1
+        assert rounds <= 4 * MIN_KILLS, f"could not place {MIN_KILLS} kills in {rounds} rounds: {kills}"
+        rows_at_start = count_complete_rows(out)
+        remaining = 1 - rows_at_start / len(expected)
+        proc = procs.start(command(out), f"crash{rounds}")
+        t0 = time.monotonic()
+        if rounds % 2:  # a random moment after start, up to about this run's typical length
+            how = "delay"
+            until = t0 + rng.uniform(0.2, startup + 0.8 * remaining * work)
+            while time.monotonic() < until and proc.poll() is None:
+                time.sleep(0.005)
+        else:           # a random moment while rows are being written
+            how = "rows"
+            pause = rng.uniform(0.0, 0.25)
+            deadline = t0 + 120
+            while count_complete_rows(out) <= rows_at_start and proc.poll() is None:
+                assert time.monotonic() < deadline, f"no progress within 120 s:\n{output(proc)}"
+                time.sleep(0.005)
+            until = time.monotonic() + pause
+            while time.monotonic() < until and proc.poll() is None:
+                time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the command, as a user or the OOM killer does
+            proc.wait(timeout=30)
+            procs.kill_group(proc)  # its orphaned decode workers
+            kills.append((how, round(time.monotonic() - t0, 3), count_complete_rows(out)))
+            # whatever the kill left: complete lines are right and alone; at most the last is cut
+            lines = body_lines(out) if out.exists() else []
+            complete = [line for line in lines if line.endswith("\n")]
+            assert all(line.endswith("\n") for line in lines[:-1]), "a cut line before the last one"
+            assert set(complete) <= set(ref_lines), "a row differs from the uninterrupted run's"
+            assert len(set(complete)) == len(complete), "a row is there twice"
+        else:
+            assert proc.returncode == 0, output(proc)
+            if count_complete_rows(out) == len(expected):
+                # finished before the kill: more files, so there is work left to interrupt
+                files += write_chests(folder, chest_pngs, 40, start=1000 + rounds * 40, prefix="late")
+                expected = {str(p) for p in files}
+                code, text = procs.run(command(ref), f"reference-top-up{rounds}", timeout=300)
+                assert code == 0, text
+                ref_lines = body_lines(ref)
+                ref_summary = check_summary_agrees(ref)
+
+    print(f"seed {CRASH_SEED}: reference {run_time:.2f} s, no-op {startup:.2f} s; kills (how, s, rows) {kills}")
+    assert sum(how == "rows" for how, _, _ in kills) >= 2, kills
+    code, text = procs.run(command(out), "final", timeout=300)
+    assert code == 0, text
+    final = quiet_json(text)
+    assert final["files"] == len(expected)
+
+    rows = check_report(out, expected)
+    assert len(rows) == len(expected)
+    assert sorted(body_lines(out)) == sorted(ref_lines), f"rows differ from the uninterrupted run (kills {kills})"
+    summary = check_summary_agrees(out)
+    assert summary["files"] == ref_summary["files"]
+    assert summary["ctr"]["n"] == ref_summary["ctr"]["n"]
+    assert summary["ctr"]["median"] == ref_summary["ctr"]["median"]
+    assert summary["studies"]["n"] == ref_summary["studies"]["n"]
+    # and the crashed-then-finished report is as resumable as any other
+    before = out.read_bytes()
+    code, text = procs.run(command(out), "after", timeout=300)
+    assert code == 0 and quiet_json(text)["processed"] == 0, text
+    assert out.read_bytes() == before
