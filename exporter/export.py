@@ -67,6 +67,28 @@ class LegacyHeartNet(nn.Module):
         return self.model((x - self.mean) / self.std) / self.scale
 
 
+class ShiftAveraged(nn.Module):
+    """Test-time averaging inside the graph: the model on the image and on copies shifted by
+    +-shift pixels along x and y (edges replicated), each prediction shifted back, then averaged."""
+
+    def __init__(self, model: nn.Module, size: int, shift: int):
+        super().__init__()
+        self.model, self.size, self.shift = model, size, shift
+        self.offsets = [(0, 0), (shift, 0), (-shift, 0), (0, shift), (0, -shift)]
+
+    def _shifted(self, x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+        s = self.shift
+        padded = torch.nn.functional.pad(x, (s, s, s, s), mode="replicate")
+        return padded[:, :, s - dy:s - dy + self.size, s - dx:s - dx + self.size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = torch.cat([self._shifted(x, dx, dy) for dx, dy in self.offsets])
+        out = self.model(batch).reshape(len(self.offsets), -1, self.model.outputs)
+        back = torch.tensor([[dx, dy] * (self.model.outputs // 2) for dx, dy in self.offsets],
+                            dtype=x.dtype) / self.size
+        return (out - back[:, None, :]).mean(0)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="export-onnx", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |onnxruntime - torch| difference (default 1e-4)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--tta-shift", type=int, default=0, metavar="PX",
+                   help="average the model over the image and 4 copies shifted by PX pixels (5x the "
+                        "inference cost; default 0: off)")
     p.add_argument("--legacy", action="store_true",
                    help="checkpoint is the original project's (detected automatically when unambiguous)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -249,6 +274,11 @@ def main(argv=None) -> int:
             raise ExportError(f"{args.checkpoint}: unknown checkpoint layout (no 'format' or 'state_dict' key; "
                               f"keys: {', '.join(sorted(map(str, ckpt))[:8])})")
         model, size, meta = (from_legacy if legacy else from_heartbatch)(ckpt, args.checkpoint)
+        if args.tta_shift:
+            if legacy:
+                raise ExportError("--tta-shift applies to heartbatch checkpoints only")
+            model = ShiftAveraged(model.eval(), size, args.tta_shift)
+            meta[C.META_PREPROCESSING] += f"; in-graph average over shifts of 0, +-{args.tta_shift} px in x and y"
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ def _add_run(sub) -> None:
                    help="no progress or tables; print one JSON line with counts and output paths")
     p.add_argument("--force", action="store_true",
                    help="forget what was processed and measure every file again")
+    p.add_argument("--html", type=Path, metavar="FILE",
+                   help="also write the HTML QA report (summary, CTR histogram, thumbnails with boxes) to FILE")
     p.set_defaults(func=cmd_run)
 
 
@@ -99,6 +101,41 @@ def _add_watch(sub) -> None:
     p.set_defaults(func=cmd_watch)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="render the HTML QA report of an existing report CSV",
+        description="Render one self-contained HTML file (images embedded, works offline) from a report CSV: "
+                    "batch summary, CTR histogram with the threshold, thumbnails with the heart (red) and "
+                    "thorax (blue) boxes for every flagged study and a sample of the others, and a sortable "
+                    "table of studies. The DICOM files are read again from the paths in the report.")
+    p.add_argument("report", type=Path, metavar="REPORT", help="report CSV written by `heartbatch run`")
+    p.add_argument("--html", type=Path, metavar="FILE", help="HTML file to write (default: <report>.html)")
+    p.add_argument("--ctr-threshold", type=_ratio,
+                   help="CTR above this is flagged (default: the run's, from <report>.summary.json, else 0.50)")
+    p.add_argument("--sample", type=int, default=12,
+                   help="thumbnails of studies that are not flagged, spread over the CTR range (12)")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser(
+        "show", help="draw the boxes, widths and CTR on one image (optionally with an occlusion map)",
+        description="Measure one DICOM file and write a PNG with the heart box (red), the thorax box (blue), "
+                    "the heart and thoracic widths and the CTR drawn on the image. --explain blends an "
+                    "occlusion-sensitivity map on top: how far the predicted heart box moves when each "
+                    "region of the image is covered.")
+    p.add_argument("file", type=Path, metavar="FILE", help="a DICOM file")
+    p.add_argument("--out", required=True, type=Path, help="PNG to write (e.g. overlay.png)")
+    p.add_argument("--model", type=Path, help="ONNX model (default: the model shipped with heartbatch)")
+    p.add_argument("--explain", action="store_true",
+                   help="blend an occlusion-sensitivity map (runs the model about 200 more times)")
+    p.add_argument("--size", type=_positive_int, default=1024,
+                   help="longer side of the PNG in pixels, never above the original (1024)")
+    p.add_argument("--ctr-threshold", type=_ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
+    p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: one per core)")
+    p.set_defaults(func=cmd_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heartbatch",
@@ -108,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_watch(sub)
+    _add_report(sub)
+    _add_show(sub)
     from .evaluate import add_parser as add_evaluate
 
     add_evaluate(sub)
@@ -156,13 +195,21 @@ def cmd_run(args) -> int:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_USAGE
     total = result.processed + result.unchanged
+    html = None
+    if args.html is not None:
+        from .html_report import write_html
+
+        html = write_html(args.out, args.html, args.ctr_threshold)
     if args.quiet:
         print(json.dumps({"report": str(result.report), "summary_json": str(result.summary_json),
-                          "summary_md": str(result.summary_md), "model_id": info.model_id,
+                          "summary_md": str(result.summary_md), **({"html": str(html)} if html else {}),
+                          "model_id": info.model_id,
                           "files": total, "processed": result.processed, "unchanged": result.unchanged,
                           **result.counts, "seconds": round(result.seconds, 3)}))
     else:
         print_summary(console, result, info)
+        if html is not None:
+            console.print(f"HTML report: {html}", highlight=False)
     if total == 0 or result.counts["error"] == total:
         if not args.quiet:
             console.print("[red]nothing could be read[/red]: no files found, or every file failed")
@@ -237,6 +284,77 @@ def cmd_watch(args) -> int:
     if not args.quiet:
         console.print(f"stopped; {watcher.processed} rows written this session")
     return code
+
+
+def cmd_report(args) -> int:
+    from rich.console import Console
+
+    from .html_report import write_html
+    from .report import COLUMNS
+
+    console = Console(stderr=True)
+    if not args.report.is_file():
+        console.print(f"[red]error:[/red] no such report: {args.report}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    with open(args.report, encoding="utf-8", errors="replace") as fh:
+        header = fh.readline().strip().split(",")
+    if header[:len(COLUMNS)] != COLUMNS:
+        console.print(f"[red]error:[/red] {args.report} is not a heartbatch report (its columns differ)",
+                      highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    out = args.html or args.report.with_suffix(".html")
+    write_html(args.report, out, args.ctr_threshold, sample=max(0, args.sample))
+    print(out)
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from rich.console import Console
+
+    from .dicom import ReadError, Skipped, read_dicom
+    from .overlay import Marks, draw_marks, to_rgb
+    from .pixels import display, preprocess
+    from .records import measure
+
+    console = Console(stderr=True)
+    if not args.file.is_file():
+        console.print(f"[red]error:[/red] no such file: {args.file}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    model = _load_model(args.model, args.threads, console)
+    if model is None:
+        return EXIT_MODEL
+    info = model.info
+    try:
+        dicom = read_dicom(args.file)
+    except (Skipped, ReadError) as exc:
+        kind = "skipped" if isinstance(exc, Skipped) else "error"
+        console.print(f"[red]{kind}:[/red] {args.file}: {exc.reason}", highlight=False, soft_wrap=True)
+        return EXIT_NOTHING
+    model_input = preprocess(dicom.image, info.input_size)
+    boxes = model.predict(model_input[None])[0]
+    record = measure(str(args.file), dicom.header, boxes, info.model_id, args.ctr_threshold)
+    if not record.ok:
+        console.print(f"[red]error:[/red] {args.file}: {record.reason}", highlight=False, soft_wrap=True)
+        return EXIT_NOTHING
+    rows, columns = dicom.image.shape
+    image = to_rgb(display(dicom.image, args.size))
+    note = ""
+    if args.explain:
+        from .explain import blend, occlusion_map
+
+        heat = occlusion_map(model, model_input, rows, columns)
+        image = blend(image, heat)
+        note = (f"occlusion map: covering a region moves the heart box by "
+                f"{heat.min():.0f}-{heat.max():.0f} px (red: most)")
+    draw_marks(image, rows, columns, Marks.from_record(record), note)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out, format="PNG")
+    print(json.dumps({"file": str(args.file), "out": str(args.out), "model_id": info.model_id,
+                      "heart": [round(v, 3) for v in record.heart],
+                      "thorax": [round(v, 3) for v in record.thorax] if record.thorax else None,
+                      "ctr": None if record.ctr is None else round(record.ctr, 4), "enlarged": record.enlarged,
+                      **({"explain_max_shift_px": round(float(heat.max()), 3)} if args.explain else {})}))
+    return EXIT_OK
 
 
 def print_summary(console, result, info) -> None:

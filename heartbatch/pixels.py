@@ -42,13 +42,24 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     pixel edges), so a normalized coordinate u means ``u * width`` pixels in
     the original: that is what makes boxes map back exactly.
     """
+    return resize_to(image, size, size)
+
+
+def resize_to(image: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """Resize a 2-D image to ``rows x columns``, as :func:`resize` does."""
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
     src = np.ascontiguousarray(image, dtype=np.float32)
-    if src.shape == (size, size):
+    if src.shape == (rows, columns):
         return src.copy()
-    resized = Image.fromarray(src, mode="F").resize((size, size), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(src, mode="F").resize((columns, rows), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
+
+
+def fit(rows: int, columns: int, max_side: int) -> tuple[int, int]:
+    """``(rows, columns)`` scaled so the longer side is at most ``max_side`` (aspect kept, never enlarged)."""
+    scale = min(1.0, max_side / max(rows, columns))
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
 def scale_to_unit(image: np.ndarray) -> np.ndarray:
@@ -63,3 +74,9 @@ def scale_to_unit(image: np.ndarray) -> np.ndarray:
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     """Display-oriented 2-D image -> float32 ``[size, size]`` model input."""
     return scale_to_unit(resize(image, size))
+
+
+def display(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Display-oriented 2-D image -> float32 [0, 1] at display size (aspect kept): the
+    model's resize and intensity scale, for reports and overlays."""
+    return scale_to_unit(resize_to(image, *fit(*image.shape, max_side)))

@@ -1,0 +1,171 @@
+"""Drawing the measurement on the image: heart box (red), thorax box (blue), widths, CTR.
+
+The display image comes from the same pixel pipeline as the model input
+(:func:`heartbatch.dicom.read_dicom`, then :func:`heartbatch.pixels.display`,
+which resizes keeping the aspect ratio); boxes come in pixels of the original
+image, from a :class:`~heartbatch.records.Record` or a report row, and are
+scaled to the display size here.  Used by `heartbatch show` and by the HTML
+report's thumbnails.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .records import Box, Record
+
+HEART = (255, 0, 0)        # pure red / blue, so tests and eyes find them on a grey image
+THORAX = (0, 90, 255)
+TEXT = (255, 255, 255)
+FLAG = (255, 170, 0)
+HEART_TEXT = (255, 120, 120)  # lighter tints read better on the dark label background
+THORAX_TEXT = (120, 175, 255)
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What is drawn: boxes in original-image pixels (x1/y1 exclusive) and the numbers."""
+    heart: Box | None
+    thorax: Box | None = None
+    ctr: float | None = None
+    heart_width_mm: float | None = None
+    thoracic_width_mm: float | None = None
+    enlarged: bool | None = None
+
+    @classmethod
+    def from_record(cls, record: Record) -> "Marks":
+        return cls(record.heart, record.thorax, record.ctr, record.heart_width_mm,
+                   record.thoracic_width_mm, record.enlarged)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, str], threshold: float | None = None) -> "Marks":
+        """A report row (strings, empty = missing).  With ``threshold``, `enlarged` is
+        recomputed from the CTR instead of taken from the row."""
+        def number(key: str) -> float | None:
+            try:
+                value = float(row.get(key, "") or "nan")
+            except ValueError:
+                return None
+            return value if math.isfinite(value) else None
+
+        def box(prefix: str) -> Box | None:
+            values = [number(f"{prefix}_{k}") for k in ("x0", "y0", "x1", "y1")]
+            return None if any(v is None for v in values) else tuple(values)  # type: ignore[return-value]
+
+        ctr = number("ctr")
+        if threshold is not None and ctr is not None:
+            enlarged = ctr > threshold
+        else:
+            enlarged = {"true": True, "false": False}.get(str(row.get("enlarged", "")).lower())
+        return cls(box("heart"), box("thorax"), ctr, number("heart_width_mm"), number("thoracic_width_mm"),
+                   enlarged)
+
+
+def load_display(path: str | Path, max_side: int) -> tuple[int, int, np.ndarray]:
+    """``(rows, columns, image)``: the DICOM's original size and its [0, 1] display image
+    with the longer side at most ``max_side`` (raises dicom.Skipped / ReadError)."""
+    from .dicom import read_dicom
+    from .pixels import display
+
+    dicom = read_dicom(path)
+    rows, columns = dicom.image.shape
+    return rows, columns, display(dicom.image, max_side)
+
+
+def to_rgb(image01: np.ndarray) -> Image.Image:
+    grey = np.round(np.clip(image01, 0.0, 1.0) * 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def scale_box(box: Box, sx: float, sy: float) -> tuple[int, int, int, int]:
+    """Original-pixel box (exclusive x1/y1) -> inclusive display pixels for Pillow."""
+    x0, y0, x1, y1 = box
+    left, top = round(x0 * sx), round(y0 * sy)
+    return left, top, max(left, round(x1 * sx) - 1), max(top, round(y1 * sy) - 1)
+
+
+def _hline(draw: ImageDraw.ImageDraw, x0: int, x1: int, y: int, color, width: int) -> None:
+    """A measurement line with end ticks."""
+    tick = 3 * width
+    draw.line([(x0, y), (x1, y)], fill=color, width=width)
+    for x in (x0, x1):
+        draw.line([(x, y - tick), (x, y + tick)], fill=color, width=width)
+
+
+def _label(draw: ImageDraw.ImageDraw, xy, text: str, color, font, anchor: str = "la") -> None:
+    """Text on a dark box, readable on any part of a radiograph."""
+    x0, y0, x1, y1 = draw.textbbox(xy, text, font=font, anchor=anchor)
+    pad = max(2, (y1 - y0) // 5)
+    draw.rectangle([x0 - pad, y0 - pad, x1 + pad, y1 + pad], fill=(0, 0, 0))
+    draw.text(xy, text, fill=color, font=font, anchor=anchor)
+
+
+def _length(pixels: float, mm: float | None) -> str:
+    return f"{mm:.0f} mm" if mm is not None else f"{pixels:.0f} px"
+
+
+def draw_marks(image: Image.Image, rows: int, columns: int, marks: Marks, note: str = "") -> Image.Image:
+    """Draw boxes, width lines and the CTR onto ``image`` (an RGB display image of an
+    original ``rows x columns`` image), in place; returns it."""
+    draw = ImageDraw.Draw(image)
+    w, h = image.size
+    sx, sy = w / columns, h / rows
+    line = max(2, round(max(w, h) / 200))
+    font = _font(max(11, round(max(w, h) / 32)))
+    small = _font(max(10, round(max(w, h) / 45)))
+    labels = max(w, h) >= 400   # thumbnails carry the numbers in their caption
+    for box, color in ((marks.thorax, THORAX), (marks.heart, HEART)):
+        if box is not None:
+            draw.rectangle(scale_box(box, sx, sy), outline=color, width=line)
+    if marks.heart is not None:
+        hx0, hy0, hx1, hy1 = scale_box(marks.heart, sx, sy)
+        y = (hy0 + hy1) // 2
+        _hline(draw, hx0 + line, hx1 - line, y, HEART, max(1, line // 2))
+        if labels:
+            text = "heart " + _length(marks.heart[2] - marks.heart[0], marks.heart_width_mm)
+            _label(draw, ((hx0 + hx1) / 2, y - 4 * line), text, HEART_TEXT, small, "md")
+    if marks.thorax is not None:
+        tx0, ty0, tx1, ty1 = scale_box(marks.thorax, sx, sy)
+        # thoracic width is read low in the chest, near the diaphragm: at the heart's lower edge
+        y = scale_box(marks.heart, sx, sy)[3] - 3 * line if marks.heart is not None else (ty0 + ty1) // 2
+        y = min(max(y, ty0 + 3 * line), ty1 - 3 * line)
+        _hline(draw, tx0 + line, tx1 - line, y, THORAX, max(1, line // 2))
+        if labels:
+            text = "thorax " + _length(marks.thorax[2] - marks.thorax[0], marks.thoracic_width_mm)
+            _label(draw, ((tx0 + tx1) / 2, y + 4 * line), text, THORAX_TEXT, small, "ma")
+    if marks.ctr is not None:
+        text = f"CTR {marks.ctr:.3f}" + (" enlarged" if marks.enlarged else "")
+        _label(draw, (line * 3, line * 3), text, FLAG if marks.enlarged else TEXT, font)
+    if note:
+        _label(draw, (line * 3, h - line * 3), note, TEXT, small, "ld")
+    return image
+
+
+def render(path: str | Path, marks: Marks, max_side: int = 256) -> Image.Image:
+    """The DICOM at ``path`` with ``marks`` drawn on it, longer side at most ``max_side``."""
+    rows, columns, image = load_display(path, max_side)
+    return draw_marks(to_rgb(image), rows, columns, marks)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    """PNG, or JPEG without chroma subsampling (thin red/blue lines stay red/blue)."""
+    buffer = io.BytesIO()
+    if fmt.upper() == "JPEG":
+        image.save(buffer, format="JPEG", quality=90, subsampling=0)
+    else:
+        image.save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -1,0 +1,212 @@
+"""The HTML QA report of a real run, rendered by headless Chromium.
+
+A real run (real DICOMs: the SIIM chest CR and chest X-rays of the shared data
+set written as DICOM, one of them non-square, plus files that are skipped)
+with ``--html``; the page is then opened from a file:// URL in headless
+Chromium, which must decode every embedded image, and its screenshot must not
+be blank.  Chromium is required: without it these tests fail, they do not skip.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.uid import JPEGBaseline8Bit
+
+from dicom_factory import make_nonsquare, shared_png, write_dicom
+from heartbatch import cli
+from heartbatch.summary import read_report
+
+THUMB = re.compile(r"<img src='data:image/jpeg;base64,([^']+)' alt='([^']*)'>")
+IMG = re.compile(r"<img\b[^>]*\bsrc=['\"]([^'\"]*)['\"]")
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("headless Chromium not found: install the Debian package `chromium` "
+                "(apt-get install -y chromium; .ci/run does this before the tests)")
+
+
+def browse(page: Path, tmp: Path, *action: str) -> subprocess.CompletedProcess:
+    """Open ``page`` from a file:// URL in headless Chromium with ``action`` (--screenshot, --dump-dom)."""
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp / 'chromium-profile'}", "--window-size=1280,2000",
+           "--virtual-time-budget=5000", *action, page.resolve().as_uri()]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"chromium failed ({result.returncode}): {result.stderr[-2000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, data_dir, siim_dicom, intensity_model):
+    """`heartbatch run ... --html` over real chest DICOMs (and two files that are skipped)."""
+    root = tmp_path_factory.mktemp("html")
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copyfile(siim_dicom, studies / "siim.dcm")
+    write_dicom(studies / "pa_jpeg.dcm", shared_png(data_dir, 5), transfer_syntax=JPEGBaseline8Bit)
+    write_dicom(studies / "ap.dcm", shared_png(data_dir, 300), view_position="AP")
+    write_dicom(studies / "nonsquare.dcm", make_nonsquare(shared_png(data_dir, 120), 600, 460))
+    write_dicom(studies / "lateral.dcm", shared_png(data_dir, 7), view_position="LL")
+    (studies / "notes.txt").write_text("not a DICOM file\n")
+    report, page = root / "out" / "report.csv", root / "out" / "report.html"
+    code = cli.main(["run", str(studies), "--out", str(report), "--model", str(intensity_model),
+                     "--workers", "0", "--threads", "1", "--quiet", "--html", str(page)])
+    assert code == 0
+    return root, report, page
+
+
+def _thumbnails(text: str) -> dict[str, Image.Image]:
+    return {html.unescape(alt): Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+            for data, alt in THUMB.findall(text)}
+
+
+def test_run_html_is_one_self_contained_file(ran):
+    root, report, page = ran
+    text = page.read_text(encoding="utf-8")
+    sources = IMG.findall(text)
+    assert sources and all(s.startswith("data:image/") for s in sources)
+    assert not re.search(r"""(src|href)=['"](https?:|//)""", text), "the page must work offline"
+    assert "<link" not in text and "@import" not in text
+    ok = read_report(report).query("status == 'ok'")
+    assert set(_thumbnails(text)) == set(ok["path"]), "every measured study (4 < sample) has a thumbnail"
+    assert "data:image/png;base64," in text, "the matplotlib histogram is embedded"
+    for path in ok["path"]:
+        assert html.escape(path, quote=True) in text
+    assert "lateral view" in text and "not a DICOM file" in text  # the not-measured table
+
+
+@pytest.mark.slow  # starts Chromium
+def test_html_renders_in_headless_chromium(ran, tmp_path):
+    root, report, page = ran
+    text = page.read_text(encoding="utf-8")
+    dom = browse(page, tmp_path, "--dump-dom").stdout
+    images = IMG.findall(dom)
+    assert len(images) == len(IMG.findall(text)) >= 5
+    assert all(src.startswith("data:image/") for src in images)
+    decoded = re.search(r'data-images-decoded="(\d+)/(\d+)"', dom)
+    assert decoded, "the page's load handler did not run"
+    assert decoded.group(1) == decoded.group(2) == str(len(images)), "Chromium could not decode every image"
+
+    shot = tmp_path / "report.png"
+    browse(page, tmp_path, f"--screenshot={shot}")
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int32)
+    assert pixels.shape[:2] == (2000, 1280)
+    assert pixels.std() > 30, "the screenshot is blank"
+    grey = np.abs(pixels[..., 0] - pixels[..., 1]) + np.abs(pixels[..., 1] - pixels[..., 2]) < 12
+    dark = pixels.mean(axis=2) < 200
+    assert (grey & dark).sum() > 50_000, "no radiograph thumbnails visible in the screenshot"
+    red = (pixels[..., 0] > 180) & (pixels[..., 1] < 90) & (pixels[..., 2] < 90)
+    blue = (pixels[..., 2] > 180) & (pixels[..., 0] < 90)
+    assert red.sum() > 1000 and blue.sum() > 1000, "heart (red) and thorax (blue) boxes not visible"
+
+
+def _edge_fraction(img: np.ndarray, box, sx: float, sy: float, colour) -> float:
+    """Share of the pixels on the 4 edges of ``box`` (original pixels) that look like ``colour``."""
+    x0, y0, x1, y1 = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx) - 1, round(box[3] * sy) - 1)
+    edges = np.concatenate([img[y0 + 3:y1 - 2, x0], img[y0 + 3:y1 - 2, x1],
+                            img[y0, x0 + 3:x1 - 2], img[y1, x0 + 3:x1 - 2]])
+    if colour == "red":
+        hit = (edges[:, 0] > 180) & (edges[:, 1] < 90) & (edges[:, 2] < 90)
+    else:
+        hit = (edges[:, 2] > 180) & (edges[:, 0] < 90)
+    return float(hit.mean())
+
+
+def test_thumbnails_draw_the_boxes_where_the_report_says(ran):
+    root, report, page = ran
+    thumbs = _thumbnails(page.read_text(encoding="utf-8"))
+    rows = {r["path"]: r for r in read_report(report).to_dict("records")}
+    for name in ("siim.dcm", "nonsquare.dcm"):
+        path = next(p for p in thumbs if p.endswith(name))
+        row, img = rows[path], np.asarray(thumbs[path], dtype=np.int32)
+        sx, sy = img.shape[1] / int(row["columns"]), img.shape[0] / int(row["rows"])
+        assert abs(sx - sy) < 0.01, "aspect ratio kept"
+        heart = [float(row[f"heart_{k}"]) for k in ("x0", "y0", "x1", "y1")]
+        thorax = [float(row[f"thorax_{k}"]) for k in ("x0", "y0", "x1", "y1")]
+        assert _edge_fraction(img, heart, sx, sy, "red") > 0.9, name
+        assert _edge_fraction(img, thorax, sx, sy, "blue") > 0.9, name
+        shifted = [heart[0] + 12 / sx, heart[1], heart[2] + 12 / sx, heart[3]]
+        assert _edge_fraction(img, shifted, sx, sy, "red") < 0.5, "red only where the box is"
+
+
+def test_report_command_renders_again_with_flagged_first(ran, tmp_path, capsys):
+    root, report, page = ran
+    ctr = sorted(float(v) for v in read_report(report)["ctr"] if v)
+    threshold = (ctr[1] + ctr[2]) / 2  # two studies below, two above
+    out = tmp_path / "again.html"
+    assert cli.main(["report", str(report), "--html", str(out), "--ctr-threshold", f"{threshold:.6f}"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    text = out.read_text(encoding="utf-8")
+    figures = re.findall(r"<figure id='[^']*' class='([^']*)'", text)
+    assert figures == ["enlarged", "enlarged", "", ""], "flagged studies first"
+    table = text[text.index("id='studies'"):]
+    flags = re.findall(r"<tr class='(enlarged|)'>", table)
+    assert flags == ["enlarged", "enlarged", "", ""]
+    assert f"CTR &gt; {threshold:.2f}" in text
+
+
+def test_default_output_and_threshold_come_from_the_run(ran, tmp_path):
+    root, report, page = ran
+    copy = tmp_path / "copy.csv"
+    shutil.copyfile(report, copy)
+    assert cli.main(["report", str(copy)]) == 0
+    text = (tmp_path / "copy.html").read_text(encoding="utf-8")
+    assert "CTR &gt; 0.50" in text
+
+
+def test_missing_dicom_gets_a_placeholder(ran, tmp_path):
+    root, report, page = ran
+    rows = read_report(report)
+    gone = root / rows.query("status == 'ok'")["path"].iloc[0]
+    moved = gone.with_name(gone.name + ".moved")
+    gone.rename(moved)
+    try:
+        out = tmp_path / "placeholder.html"
+        assert cli.main(["report", str(report), "--html", str(out)]) == 0
+        text = out.read_text(encoding="utf-8")
+    finally:
+        moved.rename(gone)
+    assert "no picture: file not found" in text
+    assert len(_thumbnails(text)) == len(rows.query("status == 'ok'")) - 1
+
+
+def test_without_matplotlib_the_page_says_so(ran, tmp_path, monkeypatch):
+    root, report, page = ran
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "nompl.html"
+    assert cli.main(["report", str(report), "--html", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "matplotlib is not installed" in text and "heartbatch[report]" in text
+    assert "data:image/png;base64," not in text and len(_thumbnails(text)) == 4
+
+
+def test_report_usage_errors(tmp_path):
+    assert cli.main(["report", str(tmp_path / "nope.csv")]) == 2
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    assert cli.main(["report", str(other)]) == 2
+
+
+def test_quiet_run_names_the_html_file(intensity_model, tmp_path, capsys, siim_dicom):
+    out = tmp_path / "r.csv"
+    assert cli.main(["run", str(siim_dicom), "--out", str(out), "--model", str(intensity_model), "--workers", "0",
+                     "--quiet", "--html", str(tmp_path / "r.html")]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["html"] == str(tmp_path / "r.html") and (tmp_path / "r.html").is_file()
