@@ -123,6 +123,26 @@ def test_export_trainer_checkpoint(tmp_path, capsys):
     assert (info.input_size, info.outputs) == (224, 8)
 
 
+def test_export_with_shift_averaging(tmp_path, capsys):
+    """--tta-shift: the graph averages the model over the image and 4 shifted copies, each
+    prediction shifted back; onnxruntime must agree with that torch computation."""
+    from exporter.export import ShiftAveraged
+
+    ckpt, out = tmp_path / "best.pt", tmp_path / "tta.onnx"
+    model = _trainer_checkpoint(ckpt)
+    assert export.main([str(ckpt), "--out", str(out), "--tta-shift", "4"]) == 0
+    assert "in-graph average over shifts" in _metadata(out)[C.META_PREPROCESSING]
+    x = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(2))
+    (got,) = _session(out).run([C.OUTPUT_NAME], {C.INPUT_NAME: x.numpy()})
+    with torch.no_grad():
+        manual = torch.stack([model(x)] + [
+            model(torch.nn.functional.pad(x, (4, 4, 4, 4), mode="replicate")[:, :, 4 - dy:228 - dy, 4 - dx:228 - dx])
+            - torch.tensor([dx, dy] * 4) / 224
+            for dx, dy in ((4, 0), (-4, 0), (0, 4), (0, -4))]).mean(0)
+        np.testing.assert_allclose(got, manual.numpy(), atol=1e-4)
+        np.testing.assert_allclose(ShiftAveraged(model, 224, 4)(x).numpy(), manual.numpy(), atol=1e-6)
+
+
 class _OriginalModule(nn.Module):
     """State-dict layout of the original Lightning module: the ResNet is attribute ``model``."""
 
