@@ -43,6 +43,10 @@ def _add_run(sub) -> None:
                    help="forget what was processed and measure every file again")
     p.add_argument("--html", type=Path, metavar="FILE",
                    help="also write the HTML QA report (summary, CTR histogram, thumbnails with boxes) to FILE")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on a Dask cluster: a scheduler address (tcp://host:8786), a scheduler file (JSON), "
+                        "or local:N (N worker processes started here); workers read files and model by path; "
+                        "needs heartbatch[dask]")
     p.set_defaults(func=cmd_run)
 
 
@@ -178,6 +182,16 @@ def cmd_run(args) -> int:
     if args.out.exists() and args.out.is_dir():
         console.print(f"[red]error:[/red] --out {args.out} is a folder; give a file name such as report.csv")
         return EXIT_USAGE
+    from rich.markup import escape
+
+    from .distributed import DistributedError, check_scheduler
+
+    if args.scheduler:
+        try:
+            check_scheduler(args.scheduler)
+        except DistributedError as exc:
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            return exc.exit_code
     model = _load_model(args.model, args.threads, console)
     if model is None:
         return EXIT_MODEL
@@ -185,6 +199,13 @@ def cmd_run(args) -> int:
     from .ledger import LedgerError
     from .pipeline import RunOptions, run
     from .scan import scan
+
+    if args.scheduler:
+        from functools import partial
+
+        from .distributed import run as run_on_dask
+
+        run = partial(run_on_dask, scheduler=args.scheduler)
 
     options = RunOptions(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
                          include_patient_id=args.include_patient_id, threads=args.threads, timeout=args.timeout)
@@ -194,6 +215,9 @@ def cmd_run(args) -> int:
     except LedgerError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_USAGE
+    except DistributedError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        return exc.exit_code
     total = result.processed + result.unchanged
     html = None
     if args.html is not None:

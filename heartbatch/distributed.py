@@ -1,0 +1,406 @@
+"""`heartbatch run --scheduler ADDRESS`: the same run, on a Dask cluster.
+
+Files are cut into chunks (one inference batch each) and each chunk is a Dask
+task.  A worker process loads the model once and keeps it; a task runs the
+same :class:`~heartbatch.pipeline.Runner` as a local run (decoding inline, in
+the Dask worker) and returns the chunk's :class:`~heartbatch.records.Record`
+objects.  The client scans lazily, asks the ledger which files need a row,
+keeps a bounded number of chunks in flight, and writes each returned chunk
+through the same :class:`~heartbatch.pipeline.ReportSession` as a local run,
+so resume and exactly-once hold unchanged.
+
+Failures: a worker that dies has its tasks rescheduled by Dask on other
+workers; a chunk that keeps killing workers (Dask's ``KilledWorker``) or
+raises is split into single files, and a single file that still fails gets
+an ``error`` row, as a decoder crash does in a local run.  Rows are written
+only when a chunk's result reaches the client and the ledger keys them by
+path, so every file gets exactly one row.
+
+Workers read the DICOM files and the model by path: they need the client's
+filesystem (a shared filesystem on a cluster); the client alone writes the
+report.  Dask is imported only here, inside functions, so heartbatch works
+without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .model import BoxModel, ContractError, default_model_path
+from .pipeline import ReportSession, RunOptions, RunResult, Runner
+from .records import ERROR, Record
+
+INSTALL_HINT = "install heartbatch[dask] (pip install 'heartbatch[dask]')"
+IN_FLIGHT_PER_THREAD = 3      # chunks in flight per worker thread: enough to keep workers busy
+MIN_IN_FLIGHT = 4
+REFRESH_SECONDS = 5.0         # how often the client re-reads the cluster size (adaptive clusters grow)
+RETRIES = 1                   # Dask retries of a task that raised (a transient error)
+CRASH_REASON = "the decoder crashed on this file (worker process died)"
+
+
+class DistributedError(Exception):
+    """The cluster cannot be used (bad address, no connection, Dask missing, model not found on a
+    worker); says what to do. ``exit_code`` is the CLI's exit status for it."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class WorkerModelError(Exception):
+    """Raised on a worker whose model file is missing, different, or refused."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a worker needs to load the client's model: its path and content hash."""
+    path: str
+    model_id: str
+    default: bool = False  # the shipped model: a worker may find it in its own installation
+
+    @classmethod
+    def of(cls, model: BoxModel) -> "ModelRef":
+        path = Path(model.info.path).resolve()
+        return cls(str(path), model.info.model_id, path == default_model_path().resolve())
+
+
+# --- the scheduler address ------------------------------------------------------
+
+def parse_scheduler(address: str) -> tuple[str, object]:
+    """``local:N`` -> ("local", N); an existing ``*.json`` file -> ("file", path); else ("address", text)."""
+    text = address.strip()
+    if text.startswith("local:") or text == "local":
+        count = text.partition(":")[2]
+        if not count.isdigit() or int(count) < 1:
+            raise DistributedError(f"--scheduler {address!r}: local:N needs N, the number of worker "
+                                   f"processes to start (1 or more), e.g. local:2")
+        return "local", int(count)
+    if text.endswith(".json") and Path(text).is_file():
+        return "file", text
+    if "://" in text or text.rpartition(":")[2].isdigit():
+        return "address", text
+    raise DistributedError(f"--scheduler {address!r} is not a Dask scheduler address: give tcp://HOST:PORT, "
+                           f"a scheduler file (JSON), or local:N")
+
+
+def require_dask() -> None:
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        raise DistributedError(f"--scheduler needs Dask distributed ({exc}); {INSTALL_HINT}") from None
+
+
+def check_scheduler(address: str) -> None:
+    """Fail fast, before the model is loaded: Dask installed and the address well-formed."""
+    parse_scheduler(address)
+    require_dask()
+
+
+def _local_cluster(workers: int):
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                        host="127.0.0.1")
+
+
+@contextmanager
+def connect(scheduler) -> Iterator[tuple[object, int | None]]:
+    """Yield (client, local worker count or None) for an address, ``local:N``, a scheduler file, a
+    ``distributed.Client`` (used as is, left open) or a cluster object (e.g. ``SLURMCluster``)."""
+    require_dask()
+    from distributed import Client
+
+    if isinstance(scheduler, Client):
+        yield scheduler, None
+        return
+    cluster = None
+    local = None
+    try:
+        if isinstance(scheduler, str):
+            kind, value = parse_scheduler(scheduler)
+            try:
+                if kind == "local":
+                    local = value
+                    cluster = _local_cluster(value)
+                    client = Client(cluster, set_as_default=False)
+                elif kind == "file":
+                    client = Client(scheduler_file=value, set_as_default=False)
+                else:
+                    client = Client(value, set_as_default=False)
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise DistributedError(f"cannot connect to the Dask scheduler {scheduler!r}: "
+                                       f"{type(exc).__name__}: {str(exc).strip()[:300]}") from None
+        else:  # a cluster object the caller owns
+            client = Client(scheduler, set_as_default=False)
+        try:
+            yield client, local
+        finally:
+            client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+# --- the worker side ------------------------------------------------------------
+
+_MODELS: dict[tuple[str, str], BoxModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _where() -> str:
+    try:
+        from distributed import get_worker
+
+        return f"worker {get_worker().address}"
+    except (ImportError, ValueError):
+        return f"process {os.getpid()}"
+
+
+def worker_model(ref: ModelRef, threads: int | None = None) -> BoxModel:
+    """The model, loaded once per worker process and kept; refused unless it is the client's file."""
+    key = (ref.path, ref.model_id)
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = _load_model(ref, threads)
+            _MODELS[key] = model
+        return model
+
+
+def _load_model(ref: ModelRef, threads: int | None) -> BoxModel:
+    path = Path(ref.path)
+    if ref.default and not path.is_file():
+        path = default_model_path()  # the shipped model, from this worker's own installation
+    if not path.is_file():
+        raise WorkerModelError(f"{_where()}: model file {path} not found; workers read the model by path, "
+                               f"so it must be on a filesystem the workers share with the client")
+    try:
+        model = BoxModel(path, threads=threads)
+    except ContractError as exc:
+        raise WorkerModelError(f"{_where()}: model refused: {exc}") from None
+    if model.info.model_id != ref.model_id:
+        raise WorkerModelError(f"{_where()}: model file {path} is not the client's model (hash "
+                               f"{model.info.model_id}, the client's is {ref.model_id}); workers must see "
+                               f"the same file (shared filesystem)")
+    return model
+
+
+def _auto_threads(host_threads: dict[str, int]) -> int:
+    """onnxruntime threads per worker process: this host's cores over the task threads Dask runs on it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        host = worker.address.rpartition(":")[0]
+        running = host_threads.get(host) or worker.state.nthreads
+    except (ImportError, ValueError):
+        running = 1
+    return max(1, cores // max(1, running))
+
+
+def process_chunk(items: list[tuple[str, str]], ref: ModelRef, options: RunOptions,
+                  host_threads: dict[str, int] | None = None) -> list[Record]:
+    """The Dask task: (report path, absolute path) pairs -> one record per file.
+
+    Runs the local pipeline's Runner with decoding inline (``workers=0``), so
+    the per-file logic is the same code as ``heartbatch run`` without Dask.
+    Records carry the client's path, so the report reads as a local run's.
+    """
+    threads = options.threads or _auto_threads(host_threads or {})
+    model = worker_model(ref, threads)
+    by_abs = {absolute: path for path, absolute in items}
+    records: list[Record] = []
+    with Runner(model, replace(options, workers=0)) as runner:
+        for batch in runner.process(absolute for _, absolute in items):
+            records.extend(batch)
+    for record in records:
+        record.path = by_abs.get(record.path, record.path)
+    return records
+
+
+# --- the client side ------------------------------------------------------------
+
+def _chunks(paths: Iterable, size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for path in paths:
+        chunk.append(str(path))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _failed(path: str, exc: BaseException | None) -> Record:
+    """The error row for one file whose task failed even alone."""
+    name = type(exc).__name__ if exc is not None else "unknown error"
+    if name == "KilledWorker":
+        return Record(path, ERROR, CRASH_REASON)
+    text = str(exc).strip().splitlines()[0][:200] if exc is not None and str(exc).strip() else ""
+    record = Record(path, ERROR, f"unexpected {name}: {text}".rstrip(": "))
+    if exc is not None:
+        record.detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return record
+
+
+class _Cluster:
+    """How many chunks to keep in flight, and the task threads per host (re-read now and then)."""
+
+    def __init__(self, client, max_in_flight: int | None):
+        self.client = client
+        self.fixed = max_in_flight
+        self.limit = max_in_flight or MIN_IN_FLIGHT
+        self.host_threads: dict[str, int] = {}
+        self._read_at = -REFRESH_SECONDS
+        self.refresh()
+
+    def refresh(self) -> None:
+        if time.monotonic() - self._read_at < REFRESH_SECONDS:
+            return
+        self._read_at = time.monotonic()
+        workers = self.client.scheduler_info().get("workers", {})
+        hosts: dict[str, int] = {}
+        for address, info in workers.items():
+            host = address.rpartition(":")[0]
+            hosts[host] = hosts.get(host, 0) + int(info.get("nthreads", 1))
+        self.host_threads = hosts
+        if self.fixed is None:
+            self.limit = max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * sum(hosts.values()))
+
+
+def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions | None = None,
+        on_records: Callable[[list[Record]], None] | None = None, state_dir: Path | None = None,
+        force: bool = False, on_unchanged: Callable[[], None] | None = None, *,
+        scheduler, chunk_size: int | None = None, max_in_flight: int | None = None) -> RunResult:
+    """:func:`heartbatch.pipeline.run` on a Dask cluster; same arguments, same result.
+
+    ``scheduler``: ``"tcp://host:8786"``, ``"local:N"``, a scheduler file, a
+    ``distributed.Client`` or a cluster object.  ``chunk_size`` files per task
+    (default: the batch size); at most ``max_in_flight`` tasks at a time
+    (default: 3 per worker thread, at least 4).  ``options.workers`` is not
+    used (each Dask worker decodes in its own process); ``options.threads`` is
+    onnxruntime's threads per worker process (default: the host's cores over
+    its Dask worker threads).
+    """
+    from .scan import scan
+
+    options = options or RunOptions()
+    started = time.monotonic()
+    counts = {"ok": 0, "skipped": 0, "error": 0}
+    unchanged = 0
+    ref = ModelRef.of(model)
+    size = chunk_size or options.batch_size
+    with ReportSession(out, model, options, state_dir, force) as session:
+        def todo():
+            nonlocal unchanged
+            for path in scan(paths, exclude=session.outputs):
+                if session.needs(path):
+                    yield path
+                else:
+                    unchanged += 1
+                    if on_unchanged is not None:
+                        on_unchanged()
+
+        def write(records: list[Record]) -> None:
+            session.write(records)
+            for record in records:
+                counts[record.status] += 1
+            if on_records is not None:
+                on_records(records)
+
+        chunks = _chunks(todo(), size)
+        first = next(chunks, None)
+        if first is not None:  # nothing new: no cluster to start
+            with connect(scheduler) as (client, local_workers):
+                task_options = options
+                if local_workers and not options.threads:  # N processes on this machine share its cores
+                    task_options = replace(options, threads=max(1, (os.cpu_count() or 1) // local_workers))
+                _drive(client, itertools.chain([first], chunks), ref, task_options, write, max_in_flight)
+        session.report.close()
+        json_path, md_path, summary = session.summarize()
+    return RunResult(out, json_path, md_path, counts, unchanged, summary, time.monotonic() - started)
+
+
+def _drive(client, chunks: Iterator[list[str]], ref: ModelRef, options: RunOptions,
+           write: Callable[[list[Record]], None], max_in_flight: int | None) -> None:
+    """Keep at most a bounded number of chunks in flight; write each result as it arrives."""
+    from distributed import as_completed
+
+    cluster = _Cluster(client, max_in_flight)
+    pending: dict = {}
+    singles: deque[list[str]] = deque()   # files of a failed chunk, retried one per task, one at a time
+    alone: set = set()                      # the single-file task in flight, run with nothing beside it
+    exhausted = False
+    done = as_completed(loop=client.loop)
+    run_id = uuid.uuid4().hex[:8]
+    submitted = 0
+
+    def top_up() -> None:
+        nonlocal exhausted, submitted
+        cluster.refresh()
+        # a suspect runs alone, so a file that kills workers takes no other file's task with it
+        while len(pending) < (1 if singles or alone else cluster.limit):
+            suspect = bool(singles)
+            if suspect:
+                chunk = singles.popleft()
+            elif not exhausted:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+            else:
+                break
+            items = [(p, os.path.abspath(p)) for p in chunk]
+            submitted += 1
+            future = client.submit(process_chunk, items, ref, options, cluster.host_threads,
+                                   key=f"heartbatch-{run_id}-{submitted}", retries=RETRIES, pure=False)
+            pending[future] = chunk
+            if suspect:
+                alone.add(future)
+            done.add(future)
+
+    try:
+        top_up()
+        for future in done:
+            chunk = pending.pop(future)
+            alone.discard(future)
+            try:
+                # a result lost with its worker before it was fetched is recomputed: result() waits for it
+                records = future.result()
+            except Exception as exc:  # noqa: BLE001 - the task's own exception, re-raised here
+                if future.status == "cancelled":
+                    raise DistributedError("the Dask scheduler cancelled the run's tasks (scheduler lost or "
+                                           "restarted?); the rows written so far are kept: run the same command "
+                                           "again to continue") from None
+                if isinstance(exc, WorkerModelError):
+                    raise DistributedError(str(exc), exit_code=3) from None
+                if len(chunk) > 1:  # keeps killing workers or raising: find the file, one per task
+                    singles.extend([p] for p in chunk)
+                else:
+                    records = [_failed(chunk[0], exc)]
+                    write(records)
+            else:
+                write(records)
+            finally:
+                future.release()
+            top_up()
+    finally:
+        for future in pending:  # an aborted run leaves no work behind on the cluster
+            try:
+                future.cancel()
+            except Exception:  # noqa: BLE001 - the client may be gone already
+                pass
