@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing it
+    sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("HEARTBATCH_DATA", REPO.parent / "shared" / "data"))
 
 
