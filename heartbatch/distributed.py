@@ -296,33 +296,17 @@ def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions
     onnxruntime's threads per worker process (default: the host's cores over
     its Dask worker threads).
     """
-    from .scan import scan
-
     options = options or RunOptions()
     started = time.monotonic()
-    counts = {"ok": 0, "skipped": 0, "error": 0}
-    unchanged = 0
     ref = ModelRef.of(model)
     size = chunk_size or options.batch_size
     with ReportSession(out, model, options, state_dir, force) as session:
-        def todo():
-            nonlocal unchanged
-            for path in scan(paths, exclude=session.outputs):
-                if session.needs(path):
-                    yield path
-                else:
-                    unchanged += 1
-                    if on_unchanged is not None:
-                        on_unchanged()
-
         def write(records: list[Record]) -> None:
             session.write(records)
-            for record in records:
-                counts[record.status] += 1
             if on_records is not None:
                 on_records(records)
 
-        chunks = _chunks(todo(), size)
+        chunks = _chunks(session.todo(paths, on_unchanged), size)
         first = next(chunks, None)
         if first is not None:  # nothing new: no cluster to start
             with connect(scheduler) as (client, local_workers):
@@ -330,9 +314,7 @@ def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions
                 if local_workers and not options.threads:  # N processes on this machine share its cores
                     task_options = replace(options, threads=max(1, (os.cpu_count() or 1) // local_workers))
                 _drive(client, itertools.chain([first], chunks), ref, task_options, write, max_in_flight)
-        session.report.close()
-        json_path, md_path, summary = session.summarize()
-    return RunResult(out, json_path, md_path, counts, unchanged, summary, time.monotonic() - started)
+        return session.finish(started)
 
 
 def _drive(client, chunks: Iterator[list[str]], ref: ModelRef, options: RunOptions,

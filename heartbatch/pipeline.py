@@ -116,6 +116,8 @@ class ReportSession:
         self.settings = settings_key(model, options)
         self.outputs = [out, *summary_paths(out), debug_log_path(out), self.state_dir]
         self._fingerprints: dict = {}
+        self.counts = {"ok": 0, "skipped": 0, "error": 0}  # rows written by this session
+        self.unchanged = 0
 
     def needs(self, path: str | Path) -> bool:
         """True when the file is new or changed since its row was written (remembers its fingerprint)."""
@@ -128,8 +130,22 @@ class ReportSession:
         self._fingerprints[str(path)] = fingerprint
         return True
 
+    def todo(self, paths: list[str | Path], on_unchanged: Callable[[], None] | None = None) -> Iterator[Path]:
+        """The files under ``paths`` that need a row; counts the others as unchanged."""
+        from .scan import scan
+
+        for path in scan(paths, exclude=self.outputs):
+            if self.needs(path):
+                yield path
+            else:
+                self.unchanged += 1
+                if on_unchanged is not None:
+                    on_unchanged()
+
     def write(self, records: list[Record]) -> None:
         self.report.write(records, self._fingerprints, self.settings)
+        for record in records:
+            self.counts[record.status] += 1
         for record in records:
             if record.status != "ok":
                 log.debug("%s: %s: %s%s", record.status, record.path, record.reason,
@@ -141,6 +157,13 @@ class ReportSession:
         from .summary import write_summaries
 
         return write_summaries(self.out, self.options.threshold)
+
+    def finish(self, started: float) -> RunResult:
+        """Settle the CSV (drop replaced rows), write the summaries, and report this session."""
+        self.report.close()
+        json_path, md_path, summary = self.summarize()
+        return RunResult(self.out, json_path, md_path, dict(self.counts), self.unchanged, summary,
+                         time.monotonic() - started)
 
     def close(self) -> None:
         try:
@@ -159,30 +182,12 @@ def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions
         on_records: Callable[[list[Record]], None] | None = None, state_dir: Path | None = None,
         force: bool = False, on_unchanged: Callable[[], None] | None = None) -> RunResult:
     """`heartbatch run`: every new or changed file under ``paths`` gets its one row in ``out``."""
-    from .scan import scan
-
     options = options or RunOptions()
     started = time.monotonic()
-    counts = {"ok": 0, "skipped": 0, "error": 0}
-    unchanged = 0
     with ReportSession(out, model, options, state_dir, force) as session:
-        def todo():
-            nonlocal unchanged
-            for path in scan(paths, exclude=session.outputs):
-                if session.needs(path):
-                    yield path
-                else:
-                    unchanged += 1
-                    if on_unchanged is not None:
-                        on_unchanged()
-
         with Runner(model, options) as runner:
-            for records in runner.process(todo()):
+            for records in runner.process(session.todo(paths, on_unchanged)):
                 session.write(records)
-                for record in records:
-                    counts[record.status] += 1
                 if on_records is not None:
                     on_records(records)
-        session.report.close()
-        json_path, md_path, summary = session.summarize()
-    return RunResult(out, json_path, md_path, counts, unchanged, summary, time.monotonic() - started)
+        return session.finish(started)
