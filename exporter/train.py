@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--imagenet-weights", type=Path,
                    help="local torchvision resnet18 ImageNet state dict (optional; default: from scratch)")
     p.add_argument("--resume", type=Path, help="checkpoint to continue from (e.g. runs/NAME/last.pt)")
+    p.add_argument("--init", type=Path,
+                   help="start from this checkpoint's weights (and normalization) with a fresh optimizer "
+                        "and schedule: fine-tuning, e.g. a second cycle or another data set")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: all cores)")
     return p.parse_args(argv)
@@ -96,7 +99,14 @@ def main(argv=None) -> int:
     console.print(f"{len(train_data)} training, {len(val_data)} validation images at {args.size}px on {device}")
 
     mean, std = train_data.images.mean().item(), train_data.images.std().item()
-    model = HeartBoxNet(mean=mean, std=std, imagenet_weights=args.imagenet_weights).to(device)
+    init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init else None
+    if init is not None:  # keep the normalization the weights were trained with
+        mean, std = init["config"]["mean"], init["config"]["std"]
+    model = HeartBoxNet(mean=mean, std=std, imagenet_weights=args.imagenet_weights)
+    if init is not None:
+        model.load_state_dict(init["model"])
+        console.print(f"initialised from {args.init} (epoch {init['epoch'] + 1})")
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = sum(1 for s in range(0, len(train_data), args.batch_size)
                           if len(train_data) - s >= 2)
@@ -117,7 +127,8 @@ def main(argv=None) -> int:
               "data": str(args.data), "labels": args.labels, "seed": args.seed, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "augment": not args.no_augment,
               "train_images": len(train_data), "val_images": len(val_data),
-              "imagenet_init": args.imagenet_weights is not None, "code_version": code_version()}
+              "imagenet_init": args.imagenet_weights is not None, "init": str(args.init) if args.init else None,
+              "code_version": code_version()}
     augment = None if args.no_augment else AugmentConfig()
     started = time.monotonic()
     log = open(args.out / "metrics.jsonl", "a")
