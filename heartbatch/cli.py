@@ -14,6 +14,13 @@ from . import __version__
 EXIT_OK, EXIT_USAGE, EXIT_MODEL, EXIT_NOTHING = 0, 2, 3, 4
 
 
+def _fail(console, message: str, label: str = "error") -> None:
+    """One red-labelled line; the message is escaped, so paths or hints in [brackets] print as they are."""
+    from rich.markup import escape
+
+    console.print(f"[red]{label}:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -163,7 +170,7 @@ def _load_model(path: Path | None, threads: int | None, console):
     try:
         return BoxModel(path, threads=threads)
     except ContractError as exc:
-        console.print(f"[red]model refused:[/red] {exc}", highlight=False)
+        _fail(console, str(exc), "model refused")
         return None
 
 
@@ -177,20 +184,18 @@ def cmd_run(args) -> int:
     console = Console(stderr=True, quiet=False)
     missing = _missing_inputs(args.paths)
     if missing:
-        console.print(f"[red]error:[/red] no such file or folder: {', '.join(missing)}", highlight=False)
+        _fail(console, f"no such file or folder: {', '.join(missing)}")
         return EXIT_USAGE
     if args.out.exists() and args.out.is_dir():
-        console.print(f"[red]error:[/red] --out {args.out} is a folder; give a file name such as report.csv")
+        _fail(console, f"--out {args.out} is a folder; give a file name such as report.csv")
         return EXIT_USAGE
-    from rich.markup import escape
-
     from .distributed import DistributedError, check_scheduler
 
     if args.scheduler:
         try:
             check_scheduler(args.scheduler)
         except DistributedError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            _fail(console, str(exc))
             return exc.exit_code
     model = _load_model(args.model, args.threads, console)
     if model is None:
@@ -213,10 +218,10 @@ def cmd_run(args) -> int:
     try:
         result = _run_with_progress(args, model, options, console, scan, run)
     except LedgerError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        _fail(console, f"{exc}")
         return EXIT_USAGE
     except DistributedError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        _fail(console, str(exc))
         return exc.exit_code
     total = result.processed + result.unchanged
     html = None
@@ -277,7 +282,7 @@ def cmd_watch(args) -> int:
     console = Console(stderr=True)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
-        console.print(f"[red]error:[/red] not a folder: {', '.join(missing)}", highlight=False)
+        _fail(console, f"not a folder: {', '.join(missing)}")
         return EXIT_USAGE
     model = _load_model(args.model, args.threads, console)
     if model is None:
@@ -299,7 +304,7 @@ def cmd_watch(args) -> int:
     try:
         watcher = Watcher(args.dirs, args.out, model, options, wopts, args.state, on_records=report)
     except LedgerError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        _fail(console, f"{exc}")
         return EXIT_USAGE
     if not args.quiet:
         console.print(f"watching {', '.join(map(str, args.dirs))} -> {args.out} "
@@ -318,13 +323,12 @@ def cmd_report(args) -> int:
 
     console = Console(stderr=True)
     if not args.report.is_file():
-        console.print(f"[red]error:[/red] no such report: {args.report}", highlight=False, soft_wrap=True)
+        _fail(console, f"no such report: {args.report}")
         return EXIT_USAGE
     with open(args.report, encoding="utf-8", errors="replace") as fh:
         header = fh.readline().strip().split(",")
     if header[:len(COLUMNS)] != COLUMNS:
-        console.print(f"[red]error:[/red] {args.report} is not a heartbatch report (its columns differ)",
-                      highlight=False, soft_wrap=True)
+        _fail(console, f"{args.report} is not a heartbatch report (its columns differ)")
         return EXIT_USAGE
     out = args.html or args.report.with_suffix(".html")
     write_html(args.report, out, args.ctr_threshold, sample=max(0, args.sample))
@@ -342,7 +346,7 @@ def cmd_show(args) -> int:
 
     console = Console(stderr=True)
     if not args.file.is_file():
-        console.print(f"[red]error:[/red] no such file: {args.file}", highlight=False, soft_wrap=True)
+        _fail(console, f"no such file: {args.file}")
         return EXIT_USAGE
     model = _load_model(args.model, args.threads, console)
     if model is None:
@@ -352,13 +356,13 @@ def cmd_show(args) -> int:
         dicom = read_dicom(args.file)
     except (Skipped, ReadError) as exc:
         kind = "skipped" if isinstance(exc, Skipped) else "error"
-        console.print(f"[red]{kind}:[/red] {args.file}: {exc.reason}", highlight=False, soft_wrap=True)
+        _fail(console, f"{args.file}: {exc.reason}", kind)
         return EXIT_NOTHING
     model_input = preprocess(dicom.image, info.input_size)
     boxes = model.predict(model_input[None])[0]
     record = measure(str(args.file), dicom.header, boxes, info.model_id, args.ctr_threshold)
     if not record.ok:
-        console.print(f"[red]error:[/red] {args.file}: {record.reason}", highlight=False, soft_wrap=True)
+        _fail(console, f"{args.file}: {record.reason}")
         return EXIT_NOTHING
     rows, columns = dicom.image.shape
     image = to_rgb(display(dicom.image, args.size))

@@ -330,3 +330,13 @@ def mixed_folder(root: str | Path, data_dir: str | Path) -> dict[str, str]:
         "truncated.dcm": "error",
         "report_sr.dcm": "skipped",
     }
+
+
+def brightness_image(fraction: float, seed: int = 0, rows: int = 160, cols: int = 128) -> np.ndarray:
+    """Top ``fraction`` of rows bright, the rest dark, with texture: the
+    preprocessed mean is close to ``fraction`` (drives the intensity test model)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(20, 40, size=(rows, cols)).astype(np.uint8)
+    cut = int(round(rows * fraction))
+    image[:cut] = rng.integers(200, 220, size=(cut, cols))
+    return image

@@ -13,7 +13,7 @@ import pytest
 
 import heartbatch
 import onnx_models as M
-from dicom_factory import make_nonsquare, shared_png, to_bits, truncate, write_dicom
+from dicom_factory import brightness_image, make_nonsquare, shared_png, to_bits, truncate, write_dicom
 from heartbatch import cli
 from heartbatch.dicom import read_dicom
 from heartbatch.pixels import preprocess
@@ -59,15 +59,6 @@ def by_name(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
     assert len(names) == len(set(names)), f"a file has two rows: {names}"
     return {Path(r["path"]).name: r for r in rows}
 
-
-def brightness_image(fraction: float, rows: int = 160, cols: int = 128, seed: int = 0) -> np.ndarray:
-    """Top ``fraction`` of rows bright, the rest dark, with texture: the
-    preprocessed mean is close to ``fraction``."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(20, 40, size=(rows, cols)).astype(np.uint8)
-    cut = int(round(rows * fraction))
-    image[:cut] = rng.integers(200, 220, size=(cut, cols))
-    return image
 
 
 @pytest.fixture(scope="module")

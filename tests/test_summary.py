@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dicom_factory import to_bits, truncate, write_dicom
+from dicom_factory import brightness_image, to_bits, truncate, write_dicom
 from heartbatch import cli
 
 UID = "1.2.826.0.1.3680043.9.7777."
@@ -46,13 +46,6 @@ STUDIES = {
 }
 THRESHOLDS = (0.5, 0.35)
 
-
-def brightness_image(fraction: float, seed: int, rows: int = 160, cols: int = 128) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    image = rng.integers(20, 40, size=(rows, cols)).astype(np.uint8)
-    cut = int(round(rows * fraction))
-    image[:cut] = rng.integers(200, 220, size=(cut, cols))
-    return image
 
 
 @pytest.fixture(scope="module")
