@@ -83,6 +83,26 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
 
 
 @torch.no_grad()
+def recompute_batchnorm(model, data: TensorDataset, batch_size: int, device: torch.device) -> None:
+    """Set BatchNorm statistics to exact averages over ``data`` (unaugmented).
+
+    Averaged weights were never run forward, so the running statistics
+    collected while training belong to none of them.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    for start in range(0, len(data), batch_size):
+        model(data.images[start:start + batch_size].to(device))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
 def predict(model, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
     model.eval()
     out = [model(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]

@@ -4,7 +4,11 @@
 
 Writes to --out: ``split.json`` (the persisted train/validation split),
 ``metrics.jsonl`` (one line per epoch), ``last.pt`` (resume point) and
-``best.pt`` (best validation score), all reproducible from the seed.
+``best.pt`` (best validation score), all reproducible from the seed.  With
+``--average-from K`` the learning rate is held constant from epoch K on and
+the weights are averaged once per epoch (stochastic weight averaging); the
+average is saved as ``averaged.pt``: one model fixed in advance by the
+schedule, not picked on the validation split.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from heartbatch.labels import LabelError, load_labels
 
 from .augment import AugmentConfig
 from .datasets import build_dataset, load_or_make_split
-from .engine import evaluate, train_one_epoch
+from .engine import evaluate, recompute_batchnorm, train_one_epoch
 from .net import HeartBoxNet
 
 CHECKPOINT_FORMAT = "heartbatch-checkpoint/1"
@@ -49,6 +53,19 @@ def score(metrics: dict) -> float:
     return value
 
 
+def save_average(averaged, train_data, val_data, last_state: dict, args, console) -> None:
+    """Recompute BatchNorm for the averaged weights, evaluate them, save averaged.pt."""
+    device = next(averaged.parameters()).device
+    recompute_batchnorm(averaged.module, train_data, args.batch_size, device)
+    metrics = evaluate(averaged.module, val_data, args.batch_size, device)
+    state = {**last_state, "model": averaged.module.state_dict(), "metrics": metrics,
+             "averaged_epochs": int(averaged.n_averaged.item())}
+    torch.save(state, args.out / "averaged.pt")
+    console.print(f"averaged {state['averaged_epochs']} epochs: heart IoU {metrics['heart_iou_mean']:.3f}"
+                  f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
+                  f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f} -> {args.out / 'averaged.pt'}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="heartbatch-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", type=Path,
                    help="start from this checkpoint's weights (and normalization) with a fresh optimizer "
                         "and schedule: fine-tuning, e.g. a second cycle or another data set")
+    p.add_argument("--average-from", type=int, default=0, metavar="K",
+                   help="from epoch K on, hold the learning rate at --average-lr and average the weights "
+                        "after every epoch; saves averaged.pt (default: off)")
+    p.add_argument("--average-lr", type=float, default=1e-4)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: all cores)")
     return p.parse_args(argv)
@@ -110,15 +131,21 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = sum(1 for s in range(0, len(train_data), args.batch_size)
                           if len(train_data) - s >= 2)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.05,
-                                                    total_steps=args.epochs * steps_per_epoch)
+    cycle_epochs = args.average_from - 1 if args.average_from > 0 else args.epochs
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.05,
+                                                     total_steps=cycle_epochs * steps_per_epoch)
+                 if cycle_epochs > 0 else None)
+    averaged = torch.optim.swa_utils.AveragedModel(model) if args.average_from > 0 else None
     gen = torch.Generator().manual_seed(args.seed)
     start_epoch, best = 0, math.inf
     if args.resume:
         state = torch.load(args.resume, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if averaged is not None and state.get("averaged"):
+            averaged.load_state_dict(state["averaged"])
         gen.set_state(state["generator"])
         start_epoch, best = state["epoch"] + 1, state["best_score"]
         console.print(f"resumed from {args.resume} at epoch {start_epoch}")
@@ -127,6 +154,7 @@ def main(argv=None) -> int:
               "data": str(args.data), "labels": args.labels, "seed": args.seed, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "augment": not args.no_augment,
               "train_images": len(train_data), "val_images": len(val_data),
+              "average_from": args.average_from, "average_lr": args.average_lr,
               "imagenet_init": args.imagenet_weights is not None, "init": str(args.init) if args.init else None,
               "code_version": code_version()}
     augment = None if args.no_augment else AugmentConfig()
@@ -136,13 +164,19 @@ def main(argv=None) -> int:
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         for epoch in range(start_epoch, args.epochs):
             task = bar.add_task("train", total=steps_per_epoch, epoch=epoch + 1)
-            losses = train_one_epoch(model, train_data, optimizer, scheduler, gen, args.batch_size,
-                                     device, augment, on_step=lambda: bar.advance(task))
+            averaging = averaged is not None and epoch + 1 >= args.average_from
+            if averaging:
+                for group in optimizer.param_groups:
+                    group["lr"] = args.average_lr
+            losses = train_one_epoch(model, train_data, optimizer, None if averaging else scheduler, gen,
+                                     args.batch_size, device, augment, on_step=lambda: bar.advance(task))
             bar.remove_task(task)
+            if averaging:
+                averaged.update_parameters(model)
             metrics = evaluate(model, val_data, args.batch_size, device)
             current = score(metrics)
             record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - started, 1),
-                      "lr": scheduler.get_last_lr()[0], **losses, "val": metrics, "score": current}
+                      "lr": optimizer.param_groups[0]["lr"], **losses, "val": metrics, "score": current}
             log.write(json.dumps(record) + "\n")
             log.flush()
             console.print(
@@ -152,13 +186,17 @@ def main(argv=None) -> int:
                 f"  agree {metrics.get('ctr_agreement', {}).get('accuracy', math.nan):.3f}")
             state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
                      "epoch": epoch, "metrics": metrics, "best_score": min(best, current),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "averaged": averaged.state_dict() if averaged is not None else None,
                      "generator": gen.get_state(), "split": split,
                      "train_seconds": time.monotonic() - started}
             if current < best:
                 best = current
                 torch.save(state, args.out / "best.pt")
             torch.save(state, args.out / "last.pt")
+    if averaged is not None and averaged.n_averaged.item() > 0:
+        save_average(averaged, train_data, val_data, state, args, console)
     console.print(f"done: best score {best:.3f}; checkpoints in {args.out}")
     return 0
 

@@ -278,3 +278,45 @@ def test_box_csv_pixels_non_square(tmp_path):
     (item,) = load_labels(tmp_path / "img", heart_only)  # relative to the data folder
     assert item.heart == wide.heart and all(math.isnan(v) for v in item.thorax)
     assert from_box_csv(heart_only, base=tmp_path / "img")[0].heart == wide.heart
+
+
+def _tiny_mask_folder(data_dir, tmp_path, n=6):
+    """A cxr-ctr-layout folder of links to a few shared JSRT images and their masks."""
+    src = data_dir / "cxr-ctr" / "jsrt"
+    root = tmp_path / "cxr" / "jsrt"
+    for sub in ("png", "mask/heart", "mask/left_lung", "mask/right_lung"):
+        (root / sub).mkdir(parents=True)
+        for image in sorted((src / "png").glob("*.png"))[:n]:
+            (root / sub / image.name).symlink_to(src / sub / image.name)
+    return tmp_path / "cxr"
+
+
+def test_weight_averaging_run(data_dir, tmp_path):
+    """--average-from: constant lr from epoch K, the average saved with exact BatchNorm statistics."""
+    from exporter import train
+
+    out = tmp_path / "run"
+    rc = train.main(["--data", str(_tiny_mask_folder(data_dir, tmp_path)), "--out", str(out),
+                     "--size", "64", "--epochs", "3", "--batch-size", "4", "--val-fraction", "0.34",
+                     "--average-from", "2", "--average-lr", "3e-4", "--threads", "1"])
+    assert rc == 0
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[1:] == [3e-4, 3e-4] and lrs[0] != 3e-4
+    last = torch.load(out / "last.pt", weights_only=False)
+    avg = torch.load(out / "averaged.pt", weights_only=False)
+    assert avg["averaged_epochs"] == 2 and last["averaged"]["n_averaged"].item() == 2
+    assert math.isfinite(avg["metrics"]["heart_iou_mean"])
+
+    # The stem's BatchNorm mean is the exact mean of conv1's output over the training images.
+    net = HeartBoxNet(mean=avg["config"]["mean"], std=avg["config"]["std"])
+    net.load_state_dict(avg["model"])
+    items = {i.key: i for i in load_labels(tmp_path / "cxr")}
+    images = build_dataset([items[k] for k in avg["split"]["train"]], 64).images
+    with torch.no_grad():
+        conv = net.stem[0]((images - net.mean) / net.std)
+    np.testing.assert_allclose(net.stem[1].running_mean.numpy(), conv.mean((0, 2, 3)).numpy(), atol=1e-5)
+    assert not torch.allclose(avg["model"]["stem.1.running_mean"], last["model"]["stem.1.running_mean"])
+
+    # Resuming a finished averaged run keeps the average it had.
+    assert train.main(["--data", str(tmp_path / "cxr"), "--out", str(out), "--size", "64", "--epochs", "3",
+                       "--batch-size", "4", "--average-from", "2", "--resume", str(out / "last.pt")]) == 0
