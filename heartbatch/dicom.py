@@ -88,7 +88,7 @@ class DicomHeader:
 @dataclass
 class DicomImage:
     header: DicomHeader
-    image: np.ndarray  # display-oriented float32, rows x columns
+    image: np.ndarray  # display-oriented float32, rows x columns (or rows/k x columns/k, see read_dicom)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -379,8 +379,53 @@ def display_image(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     return image
 
 
-def decode(ds: Dataset) -> np.ndarray:
-    stored = _stored_pixels(ds)
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+DCT_SCALES = (8, 4, 2)  # libjpeg decodes baseline JPEG at 1/8, 1/4, 1/2 by scaling the DCT
+
+
+def _reduced_jpeg(ds: Dataset, min_side: int) -> np.ndarray | None:
+    """An 8-bit greyscale JPEG Baseline frame decoded at 1/k scale, or None when
+    that is not possible exactly.
+
+    Decoding at 1/4 costs about a quarter of a full decode, and a box average
+    over k x k pixels is what an anti-aliased resize does anyway.  Only scales
+    that divide both sides are used, so the reduced image covers exactly the
+    same extent; anything unusual returns None and takes the full path, which
+    also reports errors properly.
+    """
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+    if (syntax != JPEG_BASELINE or _int(ds, "SamplesPerPixel", 1) != 1 or _int(ds, "BitsAllocated") != 8
+            or _int(ds, "PixelRepresentation") != 0 or _int(ds, "NumberOfFrames", 1) > 1):
+        return None
+    scale = next((k for k in DCT_SCALES if rows % k == 0 and columns % k == 0
+                  and min(rows, columns) // k >= min_side), None)
+    if scale is None:
+        return None
+    try:
+        import io
+
+        from PIL import Image
+        from pydicom.encaps import generate_frames
+
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        with Image.open(io.BytesIO(frame)) as jpeg:
+            if jpeg.format != "JPEG" or jpeg.mode != "L" or jpeg.size != (columns, rows):
+                return None
+            jpeg.draft("L", (columns // scale, rows // scale))
+            if jpeg.size != (columns // scale, rows // scale):
+                return None
+            return np.asarray(jpeg)
+    except Exception:  # noqa: BLE001 - whatever went wrong, the full decoder will say it better
+        return None
+
+
+def decode(ds: Dataset, min_side: int | None = None) -> np.ndarray:
+    """Display pixels of a candidate dataset.  With ``min_side``, the result may be
+    reduced by an exact integer factor, to no less than ``min_side`` a side."""
+    stored = _reduced_jpeg(ds, min_side) if min_side else None
+    if stored is None:
+        stored = _stored_pixels(ds)
     if stored.ndim != 2:
         raise Skipped(f"pixel array has shape {stored.shape}; a single 2-D greyscale frame expected")
     image = display_image(stored, ds)
@@ -390,11 +435,17 @@ def decode(ds: Dataset) -> np.ndarray:
     return image
 
 
-def read_dicom(path: str | Path) -> DicomImage:
-    """Header + display pixels of a candidate file (raises Skipped / ReadError)."""
+def read_dicom(path: str | Path, min_side: int | None = None) -> DicomImage:
+    """Header + display pixels of a candidate file (raises Skipped / ReadError).
+
+    ``min_side``: the caller only needs this many pixels a side (the model's
+    input size), so a decoder that can cheaply decode at a reduced scale may
+    do so.  The header keeps the stored Rows/Columns, which is what boxes map
+    back to.
+    """
     ds, header = read_header(path)
     try:
-        return DicomImage(header=header, image=decode(ds))
+        return DicomImage(header=header, image=decode(ds, min_side))
     except (Skipped, ReadError) as exc:
         exc.header = header
         raise

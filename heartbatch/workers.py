@@ -55,7 +55,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _prepare(path: str, size: int) -> Prepared | Record:
     try:
-        dicom = read_dicom(path)
+        dicom = read_dicom(path, min_side=size)
         return Prepared(path, dicom.header, preprocess(dicom.image, size))
     except Skipped as exc:
         return Record(path, SKIPPED, exc.reason, exc.header)

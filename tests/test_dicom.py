@@ -230,3 +230,51 @@ def test_skipped_files_keep_their_header(tmp_path, small8):
     assert info.value.header is not None
     assert info.value.header.study_instance_uid == "1.2.3.4.5"
     assert info.value.header.view_position == "LL"
+
+
+# --- reduced-scale JPEG decoding (what the runner asks for) -----------------
+
+def test_siim_decodes_at_a_quarter_when_224_is_enough(siim_dicom):
+    """1024 x 1024 JPEG Baseline, min side 224: decoded at 1/4 (256 x 256) by DCT
+    scaling; the model input differs from the full decode only by resampling noise."""
+    full = read_dicom(siim_dicom)
+    reduced = read_dicom(siim_dicom, min_side=224)
+    assert reduced.image.shape == (256, 256)
+    assert reduced.header == full.header  # geometry maps back to the stored 1024 x 1024
+    a, b = preprocess(full.image, 224), preprocess(reduced.image, 224)
+    assert np.abs(a - b).mean() < 0.005 and np.abs(a - b).max() < 0.2
+    assert read_dicom(siim_dicom, min_side=300).image.shape == (512, 512)
+    assert read_dicom(siim_dicom, min_side=600).image.shape == (1024, 1024)
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((1000, 1016), (250, 254)),    # 1/8 would go below 224: 1/4
+    ((1001, 1000), (1001, 1000)),  # an odd side: no exact reduction, full decode
+    ((700, 702), (350, 351)),      # only 2 divides both
+])
+def test_reduced_decode_only_by_exact_factors(data_dir, tmp_path, shape, expected):
+    """The reduced image must cover exactly the stored extent, so only factors
+    that divide both sides are used, and never below the asked-for side."""
+    image = make_nonsquare(shared_png(data_dir, 2), *shape)
+    path = write_dicom(tmp_path / "j.dcm", image, transfer_syntax=JPEGBaseline8Bit)
+    reduced = read_dicom(path, min_side=224)
+    assert reduced.image.shape == expected
+    assert (reduced.header.rows, reduced.header.columns) == shape
+    full = read_dicom(path)
+    np.testing.assert_allclose(preprocess(reduced.image, 224), preprocess(full.image, 224), atol=0.25)
+    assert np.abs(preprocess(reduced.image, 224) - preprocess(full.image, 224)).mean() < 0.01
+
+
+def test_reduced_decode_keeps_monochrome1_and_window(data_dir, tmp_path):
+    """The inversion and the VOI window still apply after a reduced decode."""
+    image = make_nonsquare(shared_png(data_dir, 3), 1024, 1024)
+    plain = write_dicom(tmp_path / "m2.dcm", image, transfer_syntax=JPEGBaseline8Bit)
+    inverted = write_dicom(tmp_path / "m1.dcm", 255 - image, photometric="MONOCHROME1",
+                           transfer_syntax=JPEGBaseline8Bit)
+    windowed = write_dicom(tmp_path / "w.dcm", 255 - image, photometric="MONOCHROME1",
+                           transfer_syntax=JPEGBaseline8Bit, window=(100, 120))
+    a, b, w = (read_dicom(p, min_side=224) for p in (plain, inverted, windowed))
+    assert a.image.shape == b.image.shape == w.image.shape == (256, 256)
+    np.testing.assert_allclose(preprocess(a.image, 224), preprocess(b.image, 224), atol=0.05)
+    assert w.image.max() <= 0 and w.image.min() >= -1  # window to [0, 1], then inverted
+    np.testing.assert_allclose(preprocess(w.image, 224), preprocess(read_dicom(windowed).image, 224), atol=0.25)
