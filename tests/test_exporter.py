@@ -12,7 +12,6 @@ import math
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -28,7 +27,8 @@ from heartbatch import contract as C
 from heartbatch.labels import (LEGACY_SIZE, from_box_csv, from_legacy_labels, from_mask_folder,
                                load_labels)
 from heartbatch.model import BoxModel
-from heartbatch.pixels import PIPELINE_VERSION
+from heartbatch.images import load_image
+from heartbatch.pixels import PIPELINE_VERSION, preprocess
 
 
 def _session(path):
@@ -320,3 +320,46 @@ def test_weight_averaging_run(data_dir, tmp_path):
     # Resuming a finished averaged run keeps the average it had.
     assert train.main(["--data", str(tmp_path / "cxr"), "--out", str(out), "--size", "64", "--epochs", "3",
                        "--batch-size", "4", "--average-from", "2", "--resume", str(out / "last.pt")]) == 0
+
+
+# --- int8 quantization ----------------------------------------------------------
+
+def test_quantize_exported_model(data_dir, tmp_path, capsys):
+    """export-onnx then quantize-onnx: int8 convolutions, float head, same contract,
+    calibrated on training images only, and the accuracy gate refuses a loss."""
+    from exporter import quantize
+
+    ckpt, float_path, int8_path = tmp_path / "best.pt", tmp_path / "model.onnx", tmp_path / "int8.onnx"
+    _trainer_checkpoint(ckpt)
+    assert export.main([str(ckpt), "--out", str(float_path)]) == 0
+    data = _tiny_mask_folder(data_dir, tmp_path, n=8)
+    keys = sorted(i.key for i in load_labels(data))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": keys[:5], "val": keys[5:]}))
+
+    args = [str(float_path), "--data", str(data), "--split", str(split), "--calibration-images", "4",
+            "--out", str(int8_path)]
+    assert quantize.main(args) == 0
+    assert "heart error change" in capsys.readouterr().out
+
+    graph = onnx.load(str(int8_path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 20  # the backbone's convolutions
+    produced_by = {o: n for n in graph.node for o in n.output}
+    head = [n for n in graph.node if n.op_type == "Conv"][-1]
+    assert head.input[1] not in produced_by or produced_by[head.input[1]].op_type != "DequantizeLinear"
+
+    meta, source_meta = _metadata(int8_path), _metadata(float_path)
+    assert meta[C.META_SOURCE] == source_meta[C.META_SOURCE]
+    assert "calibrated on 4 training images" in meta[quantize.META_QUANTIZATION]
+    assert json.loads(meta[C.META_VALIDATION])["n"] == 3
+
+    images = np.stack([preprocess(load_image(data / k.replace("/", "/png/")), 224) for k in keys])
+    a, b = BoxModel(float_path).predict(images), BoxModel(int8_path).predict(images)
+    assert np.abs(a - b).max() * 224 < 3.0  # px at 224
+
+    refused = tmp_path / "refused.onnx"
+    assert quantize.main(args[:-1] + [str(refused), "--max-loss-px", "-1"]) == 1
+    assert "should not be shipped" in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""`quantize-onnx`: an int8 statically quantized copy of an exported model.
+
+    quantize-onnx heartbox.onnx --data ../shared/data/cxr-ctr \\
+        --split runs/default/split.json --out heartbox-int8.onnx
+
+Convolutions (and the residual additions between them) run in int8 with
+per-channel weight scales; activation ranges are calibrated on training
+images only (the validation split is never seen).  The box head (the heatmap
+convolution, softmax and soft-argmax) stays in float: that is where
+sub-pixel positions are computed.  The quantized model is then evaluated on
+the validation split next to the float model, and refused (exit 1) when its
+heart coordinate error grows by more than --max-loss-px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from heartbatch import contract as C
+from heartbatch.evaluate import evaluate
+from heartbatch.images import load_image
+from heartbatch.labels import LabelError, load_labels
+from heartbatch.model import BoxModel, ContractError
+from heartbatch.pixels import preprocess
+
+from .export import _json_safe
+
+META_QUANTIZATION = "heartbatch.quantization"
+
+
+def calibration_batches(paths: list[Path], size: int, batch_size: int = 8):
+    """Preprocessed images in batches, as the runtime would feed them."""
+    for start in range(0, len(paths), batch_size):
+        images = [preprocess(load_image(p), size) for p in paths[start:start + batch_size]]
+        yield np.stack(images)[:, None].astype(np.float32)
+
+
+def head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes from the last convolution on: the heatmap head and soft-argmax, kept in float."""
+    names = [n.name for n in model.graph.node]
+    last_conv = max(i for i, n in enumerate(model.graph.node) if n.op_type == "Conv")
+    return names[last_conv:]
+
+
+def quantize(source: Path, out: Path, batches) -> None:
+    """Static QDQ int8 (uint8 activations, int8 per-channel weights) with copied metadata."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(batches)
+
+        def get_next(self):
+            batch = next(self._it, None)
+            return None if batch is None else {C.INPUT_NAME: batch}
+
+    original = onnx.load(str(source))
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        excluded = head_nodes(onnx.load(str(prepared)))
+        partial = out.with_name(out.name + ".partial")
+        quantize_static(str(prepared), str(partial), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        op_types_to_quantize=["Conv", "Add", "MaxPool"], nodes_to_exclude=excluded,
+                        calibrate_method=CalibrationMethod.MinMax)
+    quantized = onnx.load(str(partial))
+    del quantized.metadata_props[:]
+    for prop in original.metadata_props:
+        quantized.metadata_props.add(key=prop.key, value=prop.value)
+    quantized.producer_name = "heartbatch quantize-onnx"
+    onnx.save(quantized, str(partial))
+    os.replace(partial, out)
+
+
+def set_metadata(path: Path, updates: dict[str, str]) -> None:
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(updates)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    partial = path.with_name(path.name + ".partial")
+    onnx.save(model, str(partial))
+    os.replace(partial, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="quantize-onnx", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="float ONNX model written by export-onnx")
+    p.add_argument("--data", required=True, help="labeled images (cxr-ctr layout, or a box CSV with --labels)")
+    p.add_argument("--labels", help="label CSV for --data")
+    p.add_argument("--split", type=Path,
+                   help="split.json from training: calibrate on its 'train' images, evaluate on 'val'")
+    p.add_argument("--calibration-images", type=int, default=128)
+    p.add_argument("--max-loss-px", type=float, default=0.3,
+                   help="refuse the result when heart error (px at 224) grows by more (default 0.3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        float_model = BoxModel(args.model)
+        items = load_labels(args.data, args.labels)
+    except (ContractError, LabelError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.split:
+        split = json.loads(args.split.read_text())
+        train = [i for i in items if i.key in set(split["train"])]
+        val = [i for i in items if i.key in set(split["val"])]
+    else:  # no split: calibrate and check on disjoint halves
+        shuffled = random.Random(args.seed).sample(items, len(items))
+        train, val = shuffled[len(items) // 2:], shuffled[:len(items) // 2]
+    if not train or not val:
+        print("error: need labeled images for both calibration and evaluation", file=sys.stderr)
+        return 2
+    chosen = random.Random(args.seed).sample(train, min(args.calibration_images, len(train)))
+    size = float_model.info.input_size
+    quantize(args.model, args.out, calibration_batches([i.image_path for i in chosen], size))
+
+    before = evaluate(float_model, val)
+    after = evaluate(BoxModel(args.out), val)
+    loss = after["heart_mae_px224"] - before["heart_mae_px224"]
+    set_metadata(args.out, {
+        META_QUANTIZATION: (f"int8 static (QDQ, per-channel weights, uint8 activations), calibrated on "
+                            f"{len(chosen)} training images; float source {args.model.name} "
+                            f"({float_model.info.model_id}); heart error {loss:+.3f} px at 224 on "
+                            f"{len(val)} validation images"),
+        C.META_VALIDATION: json.dumps(_json_safe(after), sort_keys=True),
+    })
+    print(f"{'':24}{'float':>10}{'int8':>10}")
+    for key in ("heart_iou_mean", "heart_mae_px224", "thorax_iou_mean", "ctr_mae"):
+        print(f"{key:24}{before.get(key, float('nan')):10.4f}{after.get(key, float('nan')):10.4f}")
+    print(f"heart error change {loss:+.3f} px (limit {args.max_loss_px}); wrote {args.out}")
+    if loss > args.max_loss_px:
+        print(f"error: int8 costs {loss:.3f} px of heart accuracy (> {args.max_loss_px}); "
+              f"{args.out} kept for inspection but should not be shipped", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
