@@ -196,8 +196,7 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE) ->
     report = Path(report)
     threshold = threshold if threshold is not None else (saved_threshold(report) or 0.5)
     summary = summarize(report, threshold)
-    frame = read_report(report)
-    rows = {r["path"]: r for r in frame.to_dict("records")}
+    rows = {r["path"]: r for r in read_report(report)}
     studies = summary["studies"]["items"]
     if not studies:  # heart-only model (no CTR): still show some measured images
         studies = [{"path": p, "ctr": None, "enlarged": None, "study_instance_uid": r["study_instance_uid"],
@@ -214,8 +213,8 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE) ->
         uri, why = _thumbnail(row, report, threshold)
         figures.append(_figure(item, row, uri, why, anchors[item["path"]]))
 
-    ok = frame[frame["status"] == "ok"]
-    hist = histogram_png(np.array([float(v) for v in ok["ctr"] if v != ""], dtype=np.float64), threshold)
+    hist = histogram_png(np.array([float(r["ctr"]) for r in rows.values() if r["status"] == "ok" and r["ctr"]],
+                                  dtype=np.float64), threshold)
     parts = [_header(summary, report), "<div class='top'>", _cards(summary)]
     if hist is not None:
         parts.append(f"<div><img src='{_data_uri(hist, 'image/png')}' alt='CTR histogram' width='640'></div>")

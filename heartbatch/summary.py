@@ -6,8 +6,10 @@ the report (also after a resumed or crashed run) and can be regenerated.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +28,14 @@ def debug_log_path(report: Path) -> Path:
     return Path(f"{stem}.debug.log")
 
 
-def read_report(report: Path):
-    import pandas as pd
+def read_report(report: Path) -> list[dict[str, str]]:
+    """The report's rows as dicts of strings ("" where empty).
 
-    return pd.read_csv(report, dtype=str, keep_default_na=False, encoding="utf-8")
+    The csv module, not pandas: importing pandas costs more than summarizing
+    thousands of rows, and every run ends here.
+    """
+    with open(report, newline="", encoding="utf-8") as fh:
+        return [{k: v or "" for k, v in row.items() if k is not None} for row in csv.DictReader(fh)]
 
 
 def _float(value: float) -> float | None:
@@ -58,54 +64,58 @@ def distribution(values: np.ndarray, threshold: float) -> dict:
     }
 
 
-def _ctr_column(frame) -> np.ndarray:
-    return np.array([float(v) if v != "" else math.nan for v in frame["ctr"]], dtype=np.float64)
+def _ctr(row: dict[str, str]) -> float:
+    try:
+        return float(row["ctr"]) if row["ctr"] else math.nan
+    except ValueError:
+        return math.nan
 
 
-def per_study(ok, threshold: float) -> list[dict]:
+def per_study(ok: list[dict[str, str]], threshold: float) -> list[dict]:
     """One entry per study: the frontal image's CTR, PA preferred over AP."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for row in ok:
+        if math.isfinite(_ctr(row)):
+            groups.setdefault(row["study_instance_uid"] or "path:" + row["path"], []).append(row)
     studies = []
-    ok = ok.assign(_ctr=_ctr_column(ok))
-    ok = ok[np.isfinite(ok["_ctr"])]
-    key = ok["study_instance_uid"].where(ok["study_instance_uid"] != "", "path:" + ok["path"])
-    ok = ok.assign(_study=key, _rank=ok["view_position"].map(lambda v: VIEW_ORDER.get(v, 2)))
-    for study, group in ok.sort_values(["_study", "_rank", "path"]).groupby("_study", sort=True):
-        best = group.iloc[0]
+    for key in sorted(groups):
+        group = sorted(groups[key], key=lambda r: (VIEW_ORDER.get(r["view_position"], 2), r["path"]))
+        best = group[0]
         studies.append({
             "study_instance_uid": best["study_instance_uid"],
             "study_date": best["study_date"],
             "path": best["path"],
             "view_position": best["view_position"],
-            "ctr": _float(best["_ctr"]),
-            "enlarged": bool(best["_ctr"] > threshold),
-            "images": int(len(group)),
+            "ctr": _float(_ctr(best)),
+            "enlarged": bool(_ctr(best) > threshold),
+            "images": len(group),
         })
     return studies
 
 
 def summarize(report: Path, threshold: float = 0.5) -> dict:
-    frame = read_report(report)
-    ok = frame[frame["status"] == "ok"]
-    by_reason = (frame[frame["status"] != "ok"].groupby(["status", "reason"]).size()
-                 .reset_index(name="count").sort_values(["count", "status", "reason"],
-                                                        ascending=[False, True, True]))
-    ctr = _ctr_column(ok)
-    views = ok["view_position"].where(ok["view_position"] != "", "unknown")
+    rows = read_report(report)
+    ok = [r for r in rows if r["status"] == "ok"]
+    reasons = Counter((r["status"], r["reason"]) for r in rows if r["status"] != "ok")
+    ctr = np.array([_ctr(r) for r in ok], dtype=np.float64)
+    views = np.array([r["view_position"] or "unknown" for r in ok], dtype=object)
     studies = per_study(ok, threshold)
     study_ctr = np.array([s["ctr"] for s in studies], dtype=np.float64)
+    statuses = Counter(r["status"] for r in rows)
     return {
         "report": report.name,
         "threshold": threshold,
         "files": {
-            "total": int(len(frame)),
-            "by_status": {s: int((frame["status"] == s).sum()) for s in ("ok", "skipped", "error")},
-            "by_reason": [{"status": r.status, "reason": r.reason, "count": int(r.count)}
-                          for r in by_reason.itertuples()],
+            "total": len(rows),
+            "by_status": {s: statuses[s] for s in ("ok", "skipped", "error")},
+            "by_reason": [{"status": status, "reason": reason, "count": count}
+                          for (status, reason), count in sorted(reasons.items(),
+                                                                key=lambda kv: (-kv[1], *kv[0]))],
         },
-        "model_ids": sorted(m for m in frame["model_id"].unique() if m),
+        "model_ids": sorted({r["model_id"] for r in rows if r["model_id"]}),
         "ctr": distribution(ctr, threshold),
-        "by_view": {view: distribution(ctr[(views == view).to_numpy()], threshold)
-                    for view in sorted(views.unique(), key=lambda v: (VIEW_ORDER.get(v, 2), v))},
+        "by_view": {view: distribution(ctr[views == view], threshold)
+                    for view in sorted(set(views), key=lambda v: (VIEW_ORDER.get(v, 2), v))},
         "studies": {"n": len(studies), "ctr": distribution(study_ctr, threshold), "items": studies},
     }
 

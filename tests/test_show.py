@@ -30,7 +30,7 @@ def _bbox(img: np.ndarray, colour) -> tuple[int, int, int, int]:
 
 
 def _report_boxes(report):
-    row = read_report(report).iloc[0]
+    row = read_report(report)[0]
     heart = [float(row[f"heart_{k}"]) for k in ("x0", "y0", "x1", "y1")]
     thorax = [float(row[f"thorax_{k}"]) for k in ("x0", "y0", "x1", "y1")]
     return row, heart, thorax
