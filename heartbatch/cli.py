@@ -60,9 +60,13 @@ def _add_run(sub) -> None:
 def _add_common(p) -> None:
     p.add_argument("--out", required=True, type=Path, help="report CSV to write (e.g. report.csv)")
     p.add_argument("--model", type=Path, help="ONNX model (default: the model shipped with heartbatch)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per inference batch (16)")
-    p.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core; 0: none)")
-    p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: one per core)")
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="rows written to the report together, and files per Dask task (16)")
+    p.add_argument("--workers", type=int,
+                   help="worker processes, each reading and measuring files (default: one per CPU core; "
+                        "0: all in this process)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="onnxruntime threads per model (default: CPU cores / worker processes)")
     p.add_argument("--ctr-threshold", type=_ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
     p.add_argument("--include-patient-id", action="store_true",
                    help="add patient_id and accession_number columns (off by default: no identifiers)")
@@ -202,6 +206,7 @@ def cmd_run(args) -> int:
         return EXIT_MODEL
 
     from .ledger import LedgerError
+    from .model import WorkerModelError
     from .pipeline import RunOptions, run
     from .scan import scan
 
@@ -223,6 +228,9 @@ def cmd_run(args) -> int:
     except DistributedError as exc:
         _fail(console, str(exc))
         return exc.exit_code
+    except WorkerModelError as exc:  # the model file changed under a running worker
+        _fail(console, f"{exc}; the rows written so far are kept", "model refused")
+        return EXIT_MODEL
     total = result.processed + result.unchanged
     html = None
     if args.html is not None:
@@ -309,7 +317,13 @@ def cmd_watch(args) -> int:
     if not args.quiet:
         console.print(f"watching {', '.join(map(str, args.dirs))} -> {args.out} "
                       f"(model {model.info.model_id}; Ctrl-C to stop)", highlight=False)
-    code = watcher.run()
+    from .model import WorkerModelError
+
+    try:
+        code = watcher.run()
+    except WorkerModelError as exc:  # the model file changed under a running worker
+        _fail(console, f"{exc}; the rows written so far are kept", "model refused")
+        return EXIT_MODEL
     if not args.quiet:
         console.print(f"stopped; {watcher.processed} rows written this session")
     return code

@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from .model import BoxModel, ContractError, default_model_path
+from .model import BoxModel, ModelRef, WorkerModelError, worker_model  # noqa: F401 - re-exported
 from .pipeline import ReportSession, RunOptions, RunResult, Runner
 from .records import ERROR, Record
 
@@ -55,23 +54,6 @@ class DistributedError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-class WorkerModelError(Exception):
-    """Raised on a worker whose model file is missing, different, or refused."""
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """What a worker needs to load the client's model: its path and content hash."""
-    path: str
-    model_id: str
-    default: bool = False  # the shipped model: a worker may find it in its own installation
-
-    @classmethod
-    def of(cls, model: BoxModel) -> "ModelRef":
-        path = Path(model.info.path).resolve()
-        return cls(str(path), model.info.model_id, path == default_model_path().resolve())
 
 
 # --- the scheduler address ------------------------------------------------------
@@ -152,48 +134,6 @@ def connect(scheduler) -> Iterator[tuple[object, int | None]]:
 
 
 # --- the worker side ------------------------------------------------------------
-
-_MODELS: dict[tuple[str, str], BoxModel] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def _where() -> str:
-    try:
-        from distributed import get_worker
-
-        return f"worker {get_worker().address}"
-    except (ImportError, ValueError):
-        return f"process {os.getpid()}"
-
-
-def worker_model(ref: ModelRef, threads: int | None = None) -> BoxModel:
-    """The model, loaded once per worker process and kept; refused unless it is the client's file."""
-    key = (ref.path, ref.model_id)
-    with _MODELS_LOCK:
-        model = _MODELS.get(key)
-        if model is None:
-            model = _load_model(ref, threads)
-            _MODELS[key] = model
-        return model
-
-
-def _load_model(ref: ModelRef, threads: int | None) -> BoxModel:
-    path = Path(ref.path)
-    if ref.default and not path.is_file():
-        path = default_model_path()  # the shipped model, from this worker's own installation
-    if not path.is_file():
-        raise WorkerModelError(f"{_where()}: model file {path} not found; workers read the model by path, "
-                               f"so it must be on a filesystem the workers share with the client")
-    try:
-        model = BoxModel(path, threads=threads)
-    except ContractError as exc:
-        raise WorkerModelError(f"{_where()}: model refused: {exc}") from None
-    if model.info.model_id != ref.model_id:
-        raise WorkerModelError(f"{_where()}: model file {path} is not the client's model (hash "
-                               f"{model.info.model_id}, the client's is {ref.model_id}); workers must see "
-                               f"the same file (shared filesystem)")
-    return model
-
 
 def _auto_threads(host_threads: dict[str, int]) -> int:
     """onnxruntime threads per worker process: this host's cores over the task threads Dask runs on it."""

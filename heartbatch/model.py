@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -67,7 +69,7 @@ def _session(path: Path, threads: int | None):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # no busy-waiting between ops: the decode workers need those cycles on a small machine
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("HB_SPIN", "0"))
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -136,3 +138,74 @@ class BoxModel:
         batch = np.ascontiguousarray(images, dtype=np.float32)[:, None]
         out = self._session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: batch})[0]
         return out.astype(np.float64)
+
+
+# --- the same model in worker processes ---------------------------------------------
+
+class WorkerModelError(ContractError):
+    """A worker process cannot use the client's model: missing, a different file, or refused."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a worker process needs to load the client's model: its path and content hash."""
+    path: str
+    model_id: str
+    default: bool = False  # the shipped model: a worker may find it in its own installation
+
+    @classmethod
+    def of(cls, model: BoxModel) -> "ModelRef":
+        path = Path(model.info.path).resolve()
+        return cls(str(path), model.info.model_id, path == default_model_path().resolve())
+
+
+_MODELS: dict[tuple[str, str], BoxModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _where() -> str:
+    try:
+        from distributed import get_worker
+
+        return f"worker {get_worker().address}"
+    except (ImportError, ValueError):
+        return f"process {os.getpid()} on {socket.gethostname()}"
+
+
+def remember(model: BoxModel) -> ModelRef:
+    """Register an already loaded model, so this process never loads its file twice."""
+    ref = ModelRef.of(model)
+    with _MODELS_LOCK:
+        _MODELS.setdefault((ref.path, ref.model_id), model)
+    return ref
+
+
+def worker_model(ref: ModelRef, threads: int | None = None) -> BoxModel:
+    """The model, loaded once per process and kept; refused unless it is the client's file."""
+    key = (ref.path, ref.model_id)
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = _load_model(ref, threads)
+            _MODELS[key] = model
+        return model
+
+
+def _load_model(ref: ModelRef, threads: int | None) -> BoxModel:
+    path = Path(ref.path)
+    if ref.default and not path.is_file():
+        path = default_model_path()  # the shipped model, from this worker's own installation
+    if not path.is_file():
+        raise WorkerModelError(f"{_where()}: model file {path} not found; workers read the model by path, "
+                               f"so it must be on a filesystem the workers share with the client")
+    try:
+        model = BoxModel(path, threads=threads)
+    except WorkerModelError:
+        raise
+    except ContractError as exc:
+        raise WorkerModelError(f"{_where()}: model refused: {exc}") from None
+    if model.info.model_id != ref.model_id:
+        raise WorkerModelError(f"{_where()}: model file {path} is not the client's model (hash "
+                               f"{model.info.model_id}, the client's is {ref.model_id}); workers must see "
+                               f"the same file (shared filesystem)")
+    return model

@@ -1,8 +1,10 @@
 """The batch pipeline: scan -> read DICOM -> preprocess -> infer -> measure -> record.
 
-Reading and preprocessing run in worker processes (they are CPU-bound Python
-and C decoders), inference runs batched in this process, so decoding the next
-images overlaps with running the model on the current batch.
+Each file is read, preprocessed and measured in one worker process (one per
+core, each with its own single-threaded copy of the model), so every core
+runs the whole pipeline and only small records come back; this process scans,
+keeps the ledger and writes the report.  A handful of files, or
+``workers=0``, run in this process instead.
 """
 
 from __future__ import annotations
@@ -12,56 +14,49 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-
-from .model import BoxModel
-from .records import Record, measure
-from .workers import DEFAULT_TIMEOUT, DecodePool, Prepared
+from .model import BoxModel, remember
+from .records import Record
+from .workers import DEFAULT_TIMEOUT, DecodePool, measure_file
 
 log = logging.getLogger("heartbatch")
 
 @dataclass
 class RunOptions:
-    batch_size: int = 16
-    workers: int | None = None       # decode processes; None: one per core
+    batch_size: int = 16             # rows committed to the report together (and files per Dask task)
+    workers: int | None = None       # worker processes; None: one per core
     threshold: float = 0.5
     include_patient_id: bool = False
-    threads: int | None = None       # onnxruntime intra-op threads; None: one per core
+    threads: int | None = None       # onnxruntime threads per model; None: cores / worker processes
     timeout: float | None = DEFAULT_TIMEOUT  # seconds per file
 
 
 class Runner:
-    """Turns a stream of file paths into batches of records with one model."""
+    """Turns a stream of file paths into records with one model."""
 
     def __init__(self, model: BoxModel, options: RunOptions | None = None):
         self.model = model
         self.options = options or RunOptions()
         workers = self.options.workers
         workers = (os.cpu_count() or 1) if workers is None else workers
+        threads = self.options.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+        # this process's copy serves inline files; workers load theirs once (and check its hash)
+        task = partial(measure_file, model=remember(model), threshold=self.options.threshold, threads=threads)
         # the pool outlives one call to process(), so `watch` starts its workers once
-        self.pool = DecodePool(workers, model.info.input_size, self.options.timeout)
-
-    def _infer(self, batch: list[Prepared]) -> list[Record]:
-        info = self.model.info
-        boxes = self.model.predict(np.stack([p.image for p in batch]))
-        return [measure(p.path, p.header, b, info.model_id, self.options.threshold)
-                for p, b in zip(batch, boxes)]
+        self.pool = DecodePool(workers, model.info.input_size, self.options.timeout, function=task)
 
     def process(self, paths: Iterable[str | Path]) -> Iterator[list[Record]]:
-        """Yield lists of records: rejected files as they come, measured ones per batch."""
-        batch: list[Prepared] = []
-        for item in self.pool.map(str(p) for p in paths):
-            if isinstance(item, Record):
-                yield [item]
-                continue
-            batch.append(item)
+        """Yield lists of at most ``batch_size`` records, in completion order."""
+        batch: list[Record] = []
+        for record in self.pool.map(str(p) for p in paths):
+            batch.append(record)
             if len(batch) >= self.options.batch_size:
-                yield self._infer(batch)
+                yield batch
                 batch = []
         if batch:
-            yield self._infer(batch)
+            yield batch
 
     def close(self) -> None:
         self.pool.close()

@@ -1,8 +1,9 @@
 """Reading and preprocessing files, in worker processes, safely.
 
 :func:`prepare` turns one path into model input or a record, never an
-exception, within a time limit.  :class:`DecodePool` runs it in worker
-processes with a bounded number of files in flight; a worker that dies
+exception, within a time limit; :func:`measure_file` also runs the model on
+it, so only a small record leaves the process.  :class:`DecodePool` runs
+either in worker processes with a bounded number of files in flight; a worker that dies
 (a decoder crash, the OOM killer) costs only the file that killed it: the
 files it had in flight are retried one at a time, and a file that kills a
 worker twice gets an `error` row.
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dicom import DicomHeader, ReadError, Skipped, read_dicom
+from .model import ModelRef, worker_model
 from .pixels import preprocess
-from .records import ERROR, SKIPPED, Record
+from .records import ERROR, SKIPPED, Record, measure
 
 DEFAULT_TIMEOUT = 60.0  # seconds per file; an 8000 x 8000 JPEG 2000 decodes in ~10 s here
 INLINE_MAX_FILES = 4     # below this, starting worker processes costs more than it saves
@@ -96,6 +98,22 @@ def prepare(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT) -> Pr
         signal.signal(signal.SIGALRM, previous)
 
 
+def measure_file(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT, *, model: ModelRef,
+                 threshold: float, threads: int | None = 1) -> Record:
+    """prepare() then the model (loaded once per process): one file's record.
+
+    Run in the worker processes, each core decodes and infers its own files:
+    no image crosses between processes, and single-threaded inference on
+    every core beats one multi-threaded model waiting for decoded images.
+    """
+    item = prepare(path, size, timeout)
+    if isinstance(item, Record):
+        return item
+    box_model = worker_model(model, threads)
+    boxes = box_model.predict(item.image[None])[0]
+    return measure(item.path, item.header, boxes, box_model.info.model_id, threshold)
+
+
 def _end_with(main_pid: int) -> None:
     """Worker initializer: exit when the main process is gone (kill -9, OOM killer), so no
     orphaned worker, forkserver or resource tracker is left behind."""
@@ -110,6 +128,8 @@ def _end_with(main_pid: int) -> None:
                 pass
 
     threading.Thread(target=watch, name="end-with-main", daemon=True).start()
+    if os.environ.get("HB_NICE"):
+        os.nice(int(os.environ["HB_NICE"]))
 
 
 class DecodePool:
@@ -125,7 +145,8 @@ class DecodePool:
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["heartbatch._forkserver", "heartbatch.workers"])
+            # workers load a model too: import onnxruntime once, in the forkserver
+            context.set_forkserver_preload(["heartbatch._forkserver", "heartbatch.workers", "onnxruntime"])
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
                                                  initializer=_end_with, initargs=(os.getpid(),))
         return self._executor
@@ -150,7 +171,7 @@ class DecodePool:
         yield from self._parallel(_chain(head, paths))
 
     def _parallel(self, source: Iterator[str]) -> Iterator[Prepared | Record]:
-        limit = self.workers * 4
+        limit = int(os.environ.get("HB_LIMIT", self.workers * 4))
         pending: dict[Future, str] = {}
         suspects: deque[str] = deque()   # in flight when a worker died: retried one at a time
         crashes: dict[str, int] = {}

@@ -48,12 +48,12 @@ def crash_once(path: str, size: int, timeout: float | None):
     return workers.prepare(path, size, timeout)
 
 
-def _blocking_read_dicom(path):
+def _blocking_read_dicom(path, min_side=None):
     """A reader stuck in Python code (a decoder loop that never ends)."""
     deadline = time.monotonic() + HANG_SECONDS
     while time.monotonic() < deadline:
         time.sleep(0.01)
-    return _real_read_dicom(path)
+    return _real_read_dicom(path, min_side)
 
 
 _real_read_dicom = workers.read_dicom
