@@ -46,7 +46,7 @@ def original_path(files: list[Path], net) -> float:
         for f in files:
             img = pydicom.dcmread(f).pixel_array / 255
             img = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((224, 224)))
-            net(torch.from_numpy(img)[None, None].float())
+            net(torch.tensor(img)[None, None].float())
     return len(files) / (time.perf_counter() - start)
 
 

@@ -18,11 +18,23 @@ WIDTH_WEIGHT = 1.0
 SEG_WEIGHT = 5.0
 
 
-def box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SmoothL1 on coordinates plus L1 on box widths, in 224-pixel units.
+def heart_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of the heart boxes (columns 0-3, normalized), differentiable."""
+    w = (torch.minimum(pred[:, 2], target[:, 2]) - torch.maximum(pred[:, 0], target[:, 0])).clamp(min=0)
+    h = (torch.minimum(pred[:, 3], target[:, 3]) - torch.maximum(pred[:, 1], target[:, 1])).clamp(min=0)
+    inter = w * h
+    area = lambda b: (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # noqa: E731
+    return inter / (area(pred) + area(target) - inter).clamp(min=1e-6)
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor, iou_weight: float = 0.0) -> torch.Tensor:
+    """SmoothL1 on coordinates plus L1 on box widths, in 224-pixel units,
+    plus ``iou_weight`` x (1 - heart IoU).
 
     Rows without a thorax box (NaN) contribute only their heart terms.  Widths
-    get their own term because CTR is a ratio of widths.
+    get their own term because CTR is a ratio of widths.  The IoU term weighs
+    an edge error against the box's size across it, as the IoU metric does
+    (so the short, vertically ambiguous side counts more).
     """
     known = torch.isfinite(target)
     target = torch.nan_to_num(target)
@@ -32,7 +44,10 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     width_err = (diff[:, [2, 6]] - diff[:, [0, 4]]).abs()
     width_known = known[:, [0, 4]]
     width = (width_err * width_known).sum() / width_known.sum().clamp(min=1)
-    return coord + WIDTH_WEIGHT * width
+    loss = coord + WIDTH_WEIGHT * width
+    if iou_weight:
+        loss = loss + iou_weight * (1 - heart_iou(pred, target)).mean()
+    return loss
 
 
 def seg_loss(logits: torch.Tensor, masks: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -50,7 +65,7 @@ def iterate_batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool
 
 def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch.Generator,
                     batch_size: int, device: torch.device, augment: AugmentConfig | None,
-                    on_step=None) -> dict:
+                    on_step=None, iou_weight: float = 0.0) -> dict:
     model.train()
     totals = {"loss": 0.0, "box": 0.0, "seg": 0.0}
     steps = 0
@@ -63,7 +78,7 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
             boxes = torch.where(torch.isfinite(boxes), warped, boxes)
         images, masks, boxes = images.to(device), masks.to(device), boxes.to(device)
         pred, seg_logits = model.forward_train(images)
-        lb = box_loss(pred, boxes)
+        lb = box_loss(pred, boxes, iou_weight)
         ls = seg_loss(seg_logits, masks, data.real_masks[idx].to(device))
         loss = lb + SEG_WEIGHT * ls
         optimizer.zero_grad(set_to_none=True)

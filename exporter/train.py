@@ -86,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", type=Path,
                    help="start from this checkpoint's weights (and normalization) with a fresh optimizer "
                         "and schedule: fine-tuning, e.g. a second cycle or another data set")
+    p.add_argument("--iou-weight", type=float, default=0.0,
+                   help="add this weight x (1 - heart box IoU) to the loss (default 0: coordinates only)")
     p.add_argument("--average-from", type=int, default=0, metavar="K",
                    help="from epoch K on, hold the learning rate at --average-lr and average the weights "
                         "after every epoch; saves averaged.pt (default: off)")
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
               "data": str(args.data), "labels": args.labels, "seed": args.seed, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "augment": not args.no_augment,
               "train_images": len(train_data), "val_images": len(val_data),
-              "average_from": args.average_from, "average_lr": args.average_lr,
+              "iou_weight": args.iou_weight, "average_from": args.average_from, "average_lr": args.average_lr,
               "imagenet_init": args.imagenet_weights is not None, "init": str(args.init) if args.init else None,
               "code_version": code_version()}
     augment = None if args.no_augment else AugmentConfig()
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
                 for group in optimizer.param_groups:
                     group["lr"] = args.average_lr
             losses = train_one_epoch(model, train_data, optimizer, None if averaging else scheduler, gen,
-                                     args.batch_size, device, augment, on_step=lambda: bar.advance(task))
+                                     args.batch_size, device, augment, on_step=lambda: bar.advance(task),
+                                     iou_weight=args.iou_weight)
             bar.remove_task(task)
             if averaging:
                 averaged.update_parameters(model)

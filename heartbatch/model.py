@@ -69,7 +69,7 @@ def _session(path: Path, threads: int | None):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # no busy-waiting between ops: the decode workers need those cycles on a small machine
-    options.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("HB_SPIN", "0"))
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -128,8 +128,6 @@ def _end_with(main_pid: int) -> None:
                 pass
 
     threading.Thread(target=watch, name="end-with-main", daemon=True).start()
-    if os.environ.get("HB_NICE"):
-        os.nice(int(os.environ["HB_NICE"]))
 
 
 class DecodePool:
@@ -171,7 +169,7 @@ class DecodePool:
         yield from self._parallel(_chain(head, paths))
 
     def _parallel(self, source: Iterator[str]) -> Iterator[Prepared | Record]:
-        limit = int(os.environ.get("HB_LIMIT", self.workers * 4))
+        limit = self.workers * 4
         pending: dict[Future, str] = {}
         suspects: deque[str] = deque()   # in flight when a worker died: retried one at a time
         crashes: dict[str, int] = {}

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -63,6 +64,23 @@ def test_a_few_steps_lower_the_loss(data_dir):
         assert math.isfinite(stats["loss"])
     after = loss()
     assert after < 0.6 * before, (before, after)
+
+
+def test_heart_iou_loss_by_hand():
+    """Heart boxes [0,0,.5,.5] vs [.25,.25,.75,.75]: overlap .0625, union .4375, IoU 1/7;
+    the IoU term adds weight x (1 - IoU) and pulls the predicted box toward the target."""
+    from exporter.engine import heart_iou
+
+    nan4 = [math.nan] * 4
+    pred = torch.tensor([[0.0, 0.0, 0.5, 0.5, *nan4]], requires_grad=True)
+    target = torch.tensor([[0.25, 0.25, 0.75, 0.75, *nan4]])
+    assert heart_iou(pred, target).item() == pytest.approx(1 / 7)
+    plain = box_loss(pred.detach().nan_to_num(), target)
+    with_iou = box_loss(pred.nan_to_num(), target, iou_weight=2.0)
+    assert with_iou.item() == pytest.approx(plain.item() + 2.0 * (1 - 1 / 7), rel=1e-6)
+    (box_loss(pred.nan_to_num(), target, iou_weight=1.0) - box_loss(pred.nan_to_num(), target)).backward()
+    grad = pred.grad[0, :4]
+    assert grad[0] < 0 and grad[1] < 0 and grad[2] < 0 and grad[3] < 0  # every edge moves toward the target
 
 
 # --- export --------------------------------------------------------------------
