@@ -401,7 +401,7 @@ def test_batched_rows_get_their_own_images_ctr(brightness_dir, intensity_model, 
 
 
 def test_workers_do_not_change_the_report(mixed_dir, intensity_model, tmp_path, brightness_dir):
-    """Decoding in 2 worker processes gives exactly the rows of decoding inline."""
+    """Measuring in 2 worker processes (each with its own model) gives exactly the rows of running inline."""
     root, _ = mixed_dir
     reports = {}
     for workers in (0, 2):
