@@ -1,9 +1,10 @@
-"""Reading and preprocessing files, in worker processes, safely.
+"""Reading, preprocessing and measuring files in worker processes, safely.
 
 :func:`prepare` turns one path into model input or a record, never an
 exception, within a time limit; :func:`measure_file` also runs the model on
-it, so only a small record leaves the process.  :class:`DecodePool` runs
-either in worker processes with a bounded number of files in flight; a worker that dies
+it, so only a small record leaves the process.  :class:`DecodePool` runs one
+of them over many files in worker processes, with a bounded number of files
+in flight; a worker that dies
 (a decoder crash, the OOM killer) costs only the file that killed it: the
 files it had in flight are retried one at a time, and a file that kills a
 worker twice gets an `error` row.
