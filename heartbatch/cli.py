@@ -182,6 +182,16 @@ def _missing_inputs(paths: list[str]) -> list[str]:
     return [p for p in paths if not Path(p).exists() and not Path(p).is_symlink()]
 
 
+def _start_workers_early(paths: list, workers: int | None) -> None:
+    """Folders (or many files) will go to worker processes: start their forkserver now, so its
+    imports overlap with loading the model here."""
+    from .worker_context import INLINE_MAX_FILES, start_early
+
+    few_files = len(paths) <= INLINE_MAX_FILES and all(Path(p).is_file() for p in paths)
+    if workers != 0 and not few_files:
+        start_early()
+
+
 def cmd_run(args) -> int:
     from rich.console import Console
 
@@ -193,6 +203,8 @@ def cmd_run(args) -> int:
     if args.out.exists() and args.out.is_dir():
         _fail(console, f"--out {args.out} is a folder; give a file name such as report.csv")
         return EXIT_USAGE
+    if not args.scheduler:
+        _start_workers_early(args.paths, args.workers)
     from .distributed import DistributedError, check_scheduler
 
     if args.scheduler:
@@ -292,6 +304,7 @@ def cmd_watch(args) -> int:
     if missing:
         _fail(console, f"not a folder: {', '.join(missing)}")
         return EXIT_USAGE
+    _start_workers_early(args.dirs, args.workers)
     model = _load_model(args.model, args.threads, console)
     if model is None:
         return EXIT_MODEL

@@ -12,7 +12,6 @@ worker twice gets an `error` row.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
@@ -30,9 +29,9 @@ from .dicom import DicomHeader, ReadError, Skipped, read_dicom
 from .model import ModelRef, worker_model
 from .pixels import preprocess
 from .records import ERROR, SKIPPED, Record, measure
+from .worker_context import INLINE_MAX_FILES, context
 
 DEFAULT_TIMEOUT = 60.0  # seconds per file; an 8000 x 8000 JPEG 2000 decodes in ~10 s here
-INLINE_MAX_FILES = 4     # below this, starting worker processes costs more than it saves
 MAX_CRASHES = 2
 
 
@@ -143,10 +142,7 @@ class DecodePool:
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            context = multiprocessing.get_context("forkserver")
-            # workers load a model too: import onnxruntime once, in the forkserver
-            context.set_forkserver_preload(["heartbatch._forkserver", "heartbatch.workers", "onnxruntime"])
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=context(),
                                                  initializer=_end_with, initargs=(os.getpid(),))
         return self._executor
 

@@ -445,3 +445,19 @@ def test_predict_folder_yields_one_record_per_file(mixed_dir, box8_model):
     names = [Path(r.path).name for r in records]
     assert sorted(names) == sorted(expected)
     assert {Path(r.path).name: r.status for r in records} == expected
+
+
+def test_workers_start_early_only_when_they_will_be_used(tmp_path, monkeypatch, siim_dicom):
+    """A folder starts the worker forkserver before the model loads; a single file, a few
+    files, or --workers 0 run in the main process and start nothing."""
+    import heartbatch.worker_context as wc
+
+    calls = []
+    monkeypatch.setattr(wc, "start_early", lambda: calls.append(True))
+    cli._start_workers_early([str(siim_dicom)], None)
+    cli._start_workers_early([str(siim_dicom)] * wc.INLINE_MAX_FILES, None)
+    cli._start_workers_early([str(tmp_path)], 0)
+    assert calls == []
+    cli._start_workers_early([str(tmp_path)], None)
+    cli._start_workers_early([str(siim_dicom)] * (wc.INLINE_MAX_FILES + 1), 2)
+    assert calls == [True, True]
