@@ -219,6 +219,13 @@ def from_legacy(ckpt: dict, path: Path) -> tuple[nn.Module, int, dict[str, str]]
     return model, LEGACY_SIZE, meta
 
 
+def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
+    """Replace the model's metadata_props with ``meta``."""
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
 def export(model: nn.Module, size: int, meta: dict[str, str], out: Path, opset: int) -> None:
     """TorchScript exporter: simple, mature, and keeps the batch axis symbolic."""
     model.eval()
@@ -234,9 +241,7 @@ def export(model: nn.Module, size: int, meta: dict[str, str], out: Path, opset: 
     width = proto.graph.output[0].type.tensor_type.shape.dim[1]
     width.ClearField("dim_param")
     width.dim_value = len(meta[C.META_OUTPUT_LAYOUT].split(","))
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
+    set_metadata(proto, meta)
     proto.producer_name = "heartbatch export-onnx"
     onnx.checker.check_model(proto, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from heartbatch.labels import LabelError, load_labels
 from heartbatch.model import BoxModel, ContractError
 from heartbatch.pixels import preprocess
 
-from .export import _json_safe
+from .export import _json_safe, set_metadata
 
 META_QUANTIZATION = "heartbatch.quantization"
 
@@ -76,21 +76,15 @@ def quantize(source: Path, out: Path, batches) -> None:
                         op_types_to_quantize=["Conv", "Add", "MaxPool"], nodes_to_exclude=excluded,
                         calibrate_method=CalibrationMethod.MinMax)
     quantized = onnx.load(str(partial))
-    del quantized.metadata_props[:]
-    for prop in original.metadata_props:
-        quantized.metadata_props.add(key=prop.key, value=prop.value)
+    set_metadata(quantized, {p.key: p.value for p in original.metadata_props})
     quantized.producer_name = "heartbatch quantize-onnx"
     onnx.save(quantized, str(partial))
     os.replace(partial, out)
 
 
-def set_metadata(path: Path, updates: dict[str, str]) -> None:
+def update_metadata(path: Path, updates: dict[str, str]) -> None:
     model = onnx.load(str(path))
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update(updates)
-    del model.metadata_props[:]
-    for key, value in props.items():
-        model.metadata_props.add(key=key, value=value)
+    set_metadata(model, {**{p.key: p.value for p in model.metadata_props}, **updates})
     partial = path.with_name(path.name + ".partial")
     onnx.save(model, str(partial))
     os.replace(partial, path)
@@ -137,7 +131,7 @@ def main(argv=None) -> int:
     before = evaluate(float_model, val)
     after = evaluate(BoxModel(args.out), val)
     loss = after["heart_mae_px224"] - before["heart_mae_px224"]
-    set_metadata(args.out, {
+    update_metadata(args.out, {
         META_QUANTIZATION: (f"int8 static (QDQ, per-channel weights, uint8 activations), calibrated on "
                             f"{len(chosen)} training images; float source {args.model.name} "
                             f"({float_model.info.model_id}); heart error {loss:+.3f} px at 224 on "

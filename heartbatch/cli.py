@@ -178,6 +178,12 @@ def _load_model(path: Path | None, threads: int | None, console):
         return None
 
 
+def _model_changed(console, exc) -> int:
+    """A worker found the model file changed (or gone) after the run had checked it."""
+    _fail(console, f"{exc}; the rows written so far are kept", "model refused")
+    return EXIT_MODEL
+
+
 def _missing_inputs(paths: list[str]) -> list[str]:
     return [p for p in paths if not Path(p).exists() and not Path(p).is_symlink()]
 
@@ -240,9 +246,8 @@ def cmd_run(args) -> int:
     except DistributedError as exc:
         _fail(console, str(exc))
         return exc.exit_code
-    except WorkerModelError as exc:  # the model file changed under a running worker
-        _fail(console, f"{exc}; the rows written so far are kept", "model refused")
-        return EXIT_MODEL
+    except WorkerModelError as exc:
+        return _model_changed(console, exc)
     total = result.processed + result.unchanged
     html = None
     if args.html is not None:
@@ -334,9 +339,8 @@ def cmd_watch(args) -> int:
 
     try:
         code = watcher.run()
-    except WorkerModelError as exc:  # the model file changed under a running worker
-        _fail(console, f"{exc}; the rows written so far are kept", "model refused")
-        return EXIT_MODEL
+    except WorkerModelError as exc:
+        return _model_changed(console, exc)
     if not args.quiet:
         console.print(f"stopped; {watcher.processed} rows written this session")
     return code

@@ -11,6 +11,7 @@ each with a reason a user can act on.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import stat
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
@@ -45,8 +48,9 @@ LATERAL_TEXT = re.compile(r"\b(LAT|LATERAL|LL|RL)\b", re.IGNORECASE)
 
 # Fastest first, measured per transfer syntax (Pillow decodes JPEG Baseline
 # several times faster than pylibjpeg); later entries are fallbacks.
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 DECODER_PREFERENCE = {
-    "1.2.840.10008.1.2.4.50": ("pillow", "pylibjpeg"),     # JPEG Baseline
+    JPEG_BASELINE: ("pillow", "pylibjpeg"),                # JPEG Baseline
     "1.2.840.10008.1.2.4.51": ("pylibjpeg", "pillow"),     # JPEG Extended
     "1.2.840.10008.1.2.4.90": ("pylibjpeg", "pillow"),     # JPEG 2000 lossless
     "1.2.840.10008.1.2.4.91": ("pylibjpeg", "pillow"),     # JPEG 2000
@@ -278,8 +282,12 @@ def read_header(path: str | Path) -> tuple[Dataset, DicomHeader]:
     return ds, header
 
 
+def _syntax(ds: Dataset) -> str:
+    return str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+
+
 def _stored_pixels(ds: Dataset) -> np.ndarray:
-    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    syntax = _syntax(ds)
     errors = []
     for plugin in DECODER_PREFERENCE.get(syntax, ()) + ("",):
         try:
@@ -379,7 +387,6 @@ def display_image(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     return image
 
 
-JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 DCT_SCALES = (8, 4, 2)  # libjpeg decodes baseline JPEG at 1/8, 1/4, 1/2 by scaling the DCT
 
 
@@ -393,9 +400,8 @@ def _reduced_jpeg(ds: Dataset, min_side: int) -> np.ndarray | None:
     same extent; anything unusual returns None and takes the full path, which
     also reports errors properly.
     """
-    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
-    if (syntax != JPEG_BASELINE or _int(ds, "SamplesPerPixel", 1) != 1 or _int(ds, "BitsAllocated") != 8
+    if (_syntax(ds) != JPEG_BASELINE or _int(ds, "SamplesPerPixel", 1) != 1 or _int(ds, "BitsAllocated") != 8
             or _int(ds, "PixelRepresentation") != 0 or _int(ds, "NumberOfFrames", 1) > 1):
         return None
     scale = next((k for k in DCT_SCALES if rows % k == 0 and columns % k == 0
@@ -403,11 +409,6 @@ def _reduced_jpeg(ds: Dataset, min_side: int) -> np.ndarray | None:
     if scale is None:
         return None
     try:
-        import io
-
-        from PIL import Image
-        from pydicom.encaps import generate_frames
-
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         with Image.open(io.BytesIO(frame)) as jpeg:
             if jpeg.format != "JPEG" or jpeg.mode != "L" or jpeg.size != (columns, rows):

@@ -37,7 +37,6 @@ class Runner:
     """Turns a stream of file paths into records with one model."""
 
     def __init__(self, model: BoxModel, options: RunOptions | None = None):
-        self.model = model
         self.options = options or RunOptions()
         workers = self.options.workers
         workers = (os.cpu_count() or 1) if workers is None else workers
