@@ -1,13 +1,17 @@
 """`export-onnx`: a training checkpoint -> a contract-conformant ONNX model.
 
     export-onnx runs/default/best.pt --out heartbatch/models/heartbox.onnx
+    export-onnx runs/a/averaged.pt runs/b/averaged.pt --out ensemble.onnx
+
 
 Accepts this project's checkpoints (``heartbatch-checkpoint/1``) and, with
 ``--legacy`` or detected automatically, the original project's PyTorch
 Lightning checkpoint (ResNet18 heart-box regressor at 224 px).  The exported
 graph takes ``image`` [N, 1, S, S] in [0, 1] (normalization inside) and gives
 ``boxes`` [N, 8] or [N, 4] normalized; metadata records everything the runtime
-and a reader need.  After export, onnxruntime and torch are compared on the
+and a reader need.  Several checkpoints make one graph that averages their
+boxes (an ensemble of independently trained networks: steadier boxes, at N
+times the inference cost).  After export, onnxruntime and torch are compared on the
 same inputs; a difference above --tolerance exits 1 (the file is kept for
 inspection).
 """
@@ -89,10 +93,24 @@ class ShiftAveraged(nn.Module):
         return (out - back[:, None, :]).mean(0)
 
 
+class Averaged(nn.Module):
+    """Several networks in one graph, their boxes averaged."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.outputs = members[0].outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="export-onnx", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="trainer checkpoint (best.pt) or original Lightning .ckpt")
+    p.add_argument("checkpoint", type=Path, nargs="+",
+                   help="trainer checkpoint (best.pt) or original Lightning .ckpt; several trainer "
+                        "checkpoints: one graph averaging their boxes")
     p.add_argument("--out", required=True, type=Path, help="ONNX file to write")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |onnxruntime - torch| difference (default 1e-4)")
@@ -268,17 +286,45 @@ def parity(model: nn.Module, out: Path, size: int) -> float:
     return worst
 
 
+def load_network(path: Path, legacy: bool, trust_pickle: bool) -> tuple[nn.Module, int, dict[str, str], bool]:
+    """(network, input size, metadata, is the original project's) from one checkpoint."""
+    ckpt = load_checkpoint(path, trust_pickle)
+    legacy = legacy or ("format" not in ckpt and "state_dict" in ckpt)
+    if legacy and "format" in ckpt:
+        raise ExportError(f"{path}: --legacy given, but this is a {ckpt['format']!r} checkpoint")
+    if not legacy and "format" not in ckpt:
+        raise ExportError(f"{path}: unknown checkpoint layout (no 'format' or 'state_dict' key; "
+                          f"keys: {', '.join(sorted(map(str, ckpt))[:8])})")
+    return *(from_legacy if legacy else from_heartbatch)(ckpt, path), legacy
+
+
+def ensemble(loaded: list[tuple[nn.Module, int, dict[str, str], bool]], paths: list[Path]):
+    """One graph averaging several trainer networks; the metadata names every member."""
+    if any(legacy for *_, legacy in loaded):
+        raise ExportError("an ensemble takes heartbatch checkpoints only, not the original project's")
+    (first, size, meta, _), *rest = loaded
+    for (model, other_size, _, _), path in zip(rest, paths[1:]):
+        if (other_size, model.outputs) != (size, first.outputs):
+            raise ExportError(f"{path}: {other_size}px with {model.outputs} outputs; {paths[0]} has {size}px "
+                              f"with {first.outputs}: an ensemble needs one input size and output layout")
+    metas = [m for _, _, m, _ in loaded]
+    meta = dict(meta)
+    meta[C.META_TRAINING_DATA] = f"average of {len(loaded)} networks: " + " | ".join(
+        m[C.META_TRAINING_DATA] for m in metas)
+    meta[C.META_NORMALIZATION] = " | ".join(m[C.META_NORMALIZATION] for m in metas)
+    meta[C.META_SOURCE] = " + ".join(m[C.META_SOURCE] for m in metas)
+    meta[C.META_VALIDATION] = "{}"  # the members' own metrics do not describe the average
+    return Averaged([m.eval() for m, *_ in loaded]), size, meta
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        ckpt = load_checkpoint(args.checkpoint, args.trust_pickle)
-        legacy = args.legacy or ("format" not in ckpt and "state_dict" in ckpt)
-        if legacy and "format" in ckpt:
-            raise ExportError(f"{args.checkpoint}: --legacy given, but this is a {ckpt['format']!r} checkpoint")
-        if not legacy and "format" not in ckpt:
-            raise ExportError(f"{args.checkpoint}: unknown checkpoint layout (no 'format' or 'state_dict' key; "
-                              f"keys: {', '.join(sorted(map(str, ckpt))[:8])})")
-        model, size, meta = (from_legacy if legacy else from_heartbatch)(ckpt, args.checkpoint)
+        loaded = [load_network(p, args.legacy, args.trust_pickle) for p in args.checkpoint]
+        if len(loaded) == 1:
+            model, size, meta, legacy = loaded[0]
+        else:
+            (model, size, meta), legacy = ensemble(loaded, args.checkpoint), False
         if args.tta_shift:
             if legacy:
                 raise ExportError("--tta-shift applies to heartbatch checkpoints only")
@@ -292,7 +338,8 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    source = "original project, heart only" if legacy else CHECKPOINT_FORMAT
+    source = ("original project, heart only" if legacy else CHECKPOINT_FORMAT
+              + (f", {len(loaded)} networks averaged" if len(loaded) > 1 else ""))
     print(f"wrote {args.out} ({source}; boxes {meta[C.META_OUTPUT_LAYOUT]}; input {size}px; "
           f"opset {args.opset}; sha256 {sha256(args.out)[:16]})")
     diff = parity(model, args.out, size)

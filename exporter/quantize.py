@@ -45,10 +45,18 @@ def calibration_batches(paths: list[Path], size: int, batch_size: int = 8):
 
 
 def head_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes from the last convolution on: the heatmap head and soft-argmax, kept in float."""
-    names = [n.name for n in model.graph.node]
-    last_conv = max(i for i, n in enumerate(model.graph.node) if n.op_type == "Conv")
-    return names[last_conv:]
+    """The nodes between the output and the nearest convolutions (included): each network's
+    heatmap convolution and soft-argmax (every member of an ensemble), kept in float."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    head, todo = {}, [o.name for o in model.graph.output]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in head:
+            continue
+        head[node.name] = node
+        if node.op_type != "Conv":
+            todo.extend(node.input)
+    return [n.name for n in model.graph.node if n.name in head]
 
 
 def quantize(source: Path, out: Path, batches) -> None:

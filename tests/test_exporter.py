@@ -85,8 +85,8 @@ def test_heart_iou_loss_by_hand():
 
 # --- export --------------------------------------------------------------------
 
-def _trainer_checkpoint(path, size=224, mean=0.47, std=0.23):
-    torch.manual_seed(1)
+def _trainer_checkpoint(path, size=224, mean=0.47, std=0.23, seed=1):
+    torch.manual_seed(seed)
     model = HeartBoxNet(mean=mean, std=std)
     with torch.no_grad():  # non-trivial BatchNorm statistics, so eval-mode export matters
         for m in model.modules():
@@ -159,6 +159,47 @@ def test_export_with_shift_averaging(tmp_path, capsys):
             for dx, dy in ((4, 0), (-4, 0), (0, 4), (0, -4))]).mean(0)
         np.testing.assert_allclose(got, manual.numpy(), atol=1e-4)
         np.testing.assert_allclose(ShiftAveraged(model, 224, 4)(x).numpy(), manual.numpy(), atol=1e-6)
+
+
+def test_export_ensemble_averages_the_networks(tmp_path, capsys):
+    """Two checkpoints -> one graph whose boxes are the mean of the two networks' boxes; the
+    metadata names both; both heatmap heads stay float for quantization."""
+    from exporter.quantize import head_nodes
+
+    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "ensemble.onnx"
+    net_a, net_b = _trainer_checkpoint(a, seed=1), _trainer_checkpoint(b, mean=0.5, seed=2)
+    assert export.main([str(a), str(b), "--out", str(out)]) == 0
+    assert "2 networks averaged" in capsys.readouterr().out
+
+    x = torch.rand(3, 1, 224, 224, generator=torch.Generator().manual_seed(4))
+    (got,) = _session(out).run([C.OUTPUT_NAME], {C.INPUT_NAME: x.numpy()})
+    with torch.no_grad():
+        one, two = net_a(x).numpy(), net_b(x).numpy()
+    assert np.abs(one - two).max() > 1e-3  # different networks, so the average is a real test
+    np.testing.assert_allclose(got, (one + two) / 2, atol=1e-4, rtol=0)
+
+    meta = _metadata(out)
+    assert meta[C.META_TRAINING_DATA].startswith("average of 2 networks")
+    assert meta[C.META_SOURCE].startswith("a.pt sha256:") and " + b.pt sha256:" in meta[C.META_SOURCE]
+    assert "mean=0.47" in meta[C.META_NORMALIZATION] and "mean=0.5" in meta[C.META_NORMALIZATION]
+    assert json.loads(meta[C.META_VALIDATION]) == {}
+    assert BoxModel(out).info.outputs == 8
+
+    graph = onnx.load(str(out)).graph
+    kept = set(head_nodes(onnx.load(str(out))))
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len([n for n in convs if n.name in kept]) == 2  # one heatmap convolution per network
+    assert len(convs) > 2 * 20  # both backbones are in the graph
+
+
+def test_export_ensemble_refuses_mismatched_members(tmp_path, capsys):
+    a, b = tmp_path / "a.pt", tmp_path / "b256.pt"
+    _trainer_checkpoint(a)
+    _trainer_checkpoint(b, size=256)
+    assert export.main([str(a), str(b), "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "b256.pt: 256px" in err and "one input size" in err
+    assert not (tmp_path / "x.onnx").exists()
 
 
 class _OriginalModule(nn.Module):
