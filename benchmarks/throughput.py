@@ -13,7 +13,12 @@ lossless variant, then measures end-to-end images/s of:
   (c) the floor: decode+preprocess only (1 process, and a pool of one per core),
       inference only (onnxruntime, best batch size and threads), and the ideal
       pipelined rate those imply on this machine's cores:
-      cores / (1/decode_per_core + 1/infer_per_core).
+      cores / (1/decode_per_core + 1/infer_per_core);
+  (d) what any cold run of N files must pay on top: the start-up floor (a new
+      interpreter importing the decoders and onnxruntime and loading the model,
+      before its first image) and the all-cores rate (one process per core, each
+      decoding and measuring its share at once, no IPC, sharing caches and memory
+      bandwidth), giving the cold-start bound N / (start-up + N / all-cores rate).
 
 Each measurement is repeated; medians are reported with b/a and b/ideal.
 """
@@ -108,6 +113,53 @@ def inference_only(model_path: Path | None, threads: int, batch: int, n: int) ->
     return rounds * batch / (time.perf_counter() - start)
 
 
+STARTUP_PROBE = ("import heartbatch.workers, onnxruntime\n"
+                 "from heartbatch.model import BoxModel\n"
+                 "BoxModel({model!r})")
+
+
+def startup_floor(model_path: Path | None) -> float:
+    """Seconds for a new interpreter to import what a run needs and load the model, then exit."""
+    code = STARTUP_PROBE.format(model=None if model_path is None else str(model_path))
+    seconds, _, result = timed_command([sys.executable, "-c", code], cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"start-up probe failed: {result.stderr[-2000:]}")
+    return seconds
+
+
+def _measure_share(paths: list[str], model_path: str | None, barrier, results) -> None:
+    """One core's share: load the model, warm up, wait for the others, then time the files."""
+    from heartbatch.model import BoxModel, remember
+    from heartbatch.workers import measure_file
+
+    model = BoxModel(model_path, threads=1)
+    ref, size = remember(model), model.info.input_size
+    for path in paths[:2]:
+        measure_file(path, size, None, model=ref, threshold=0.5, threads=1)
+    barrier.wait()
+    start = time.perf_counter()
+    for path in paths:
+        measure_file(path, size, None, model=ref, threshold=0.5, threads=1)
+    results.put(time.perf_counter() - start)
+
+
+def all_cores_rate(files: list[Path], model_path: Path | None, cores: int) -> float:
+    """images/s with one process per core each reading, decoding and measuring its own files."""
+    from heartbatch.worker_context import context
+
+    ctx = context()
+    barrier, results = ctx.Barrier(cores), ctx.Queue()
+    shares = [[str(f) for f in files[i::cores]] for i in range(cores)]
+    procs = [ctx.Process(target=_measure_share, args=(share, None if model_path is None else str(model_path),
+                                                      barrier, results)) for share in shares]
+    for proc in procs:
+        proc.start()
+    seconds = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return len(files) / max(seconds)
+
+
 def median(values):
     return statistics.median(values)
 
@@ -134,7 +186,8 @@ def main() -> int:
     size = BoxModel(args.model).info.input_size
     net = None if args.skip_original else load_torch_net(args.checkpoint)
 
-    runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b_j2k", "decode1", "decode_pool", "decode1_j2k")}
+    runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "b_j2k", "decode1", "decode_pool", "decode1_j2k",
+                                                    "startup", "all_cores")}
     peaks = []
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
@@ -147,6 +200,8 @@ def main() -> int:
         runs["decode1"].append(decode_only(files, size, 0))
         runs["decode_pool"].append(decode_only(files, size, cores))
         runs["decode1_j2k"].append(decode_only(j2k_files[: max(20, args.n // 5)], size, 0))
+        runs["startup"].append(startup_floor(args.model))
+        runs["all_cores"].append(all_cores_rate(files, args.model, cores))
     grid = {}
     for threads in sorted({1, cores}):
         for batch in (1, 8, 16, 32):
@@ -158,6 +213,8 @@ def main() -> int:
     ideal = cores / (1 / d1 + 1 / best_one_thread)
     d1_j2k = median(runs["decode1_j2k"])
     ideal_j2k = cores / (1 / d1_j2k + 1 / best_one_thread)
+    startup, all_cores = median(runs["startup"]), median(runs["all_cores"])
+    bound = args.n / (startup + args.n / all_cores)
     result = {
         "machine": {"cores": cores, "python": sys.version.split()[0]},
         "n": args.n, "repeats": args.repeats,
@@ -172,6 +229,9 @@ def main() -> int:
         "inference_grid": {f"threads={t},batch={b}": v for (t, b), v in grid.items()},
         "ideal_pipelined_img_s": ideal,
         "ideal_pipelined_j2k12_img_s": ideal_j2k,
+        "startup_floor_s": startup,
+        "all_cores_img_s": all_cores,
+        "cold_start_bound_img_s": bound,
         "peak_rss_mb_b": max(peaks) / 2**20,
         "raw": runs,
     }
@@ -179,6 +239,8 @@ def main() -> int:
     result["b_over_a"] = b / result["a_original_img_s"] if result["a_original_img_s"] else None
     result["b_over_ideal"] = b / ideal
     result["b_j2k_over_ideal"] = result["b_heartbatch_run_j2k12_img_s"] / ideal_j2k
+    result["b_over_cold_start_bound"] = b / bound
+    result["cold_start_bound_over_ideal"] = bound / ideal
 
     def f(v, d=1):
         return "–" if v is None else f"{v:.{d}f}"
@@ -194,9 +256,14 @@ def main() -> int:
         ("inference only, 1 thread, best batch", f(best_one_thread)),
         (f"ideal pipelined on {cores} cores (JPEG Baseline)", f(ideal)),
         (f"ideal pipelined on {cores} cores (J2K 12-bit)", f(ideal_j2k)),
+        ("(d) start-up floor: interpreter + imports + model, s", f(startup, 2)),
+        (f"(d) all {cores} cores decoding + measuring at once, no IPC", f(all_cores)),
+        (f"(d) cold-start bound for N={args.n}: N / (start-up + N / all-cores)", f(bound)),
         ("b / a", f(result["b_over_a"], 2)),
         ("b / ideal (JPEG Baseline)", f(result["b_over_ideal"], 2)),
         ("b / ideal (J2K 12-bit)", f(result["b_j2k_over_ideal"], 2)),
+        ("cold-start bound / ideal", f(result["cold_start_bound_over_ideal"], 2)),
+        ("b / cold-start bound", f(result["b_over_cold_start_bound"], 2)),
         ("peak RSS of (b), MB", f(result["peak_rss_mb_b"], 0)),
     ]
     width = max(len(r[0]) for r in rows)

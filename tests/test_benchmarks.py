@@ -1,0 +1,35 @@
+"""The throughput benchmark runs end to end on a tiny folder (its numbers are not asserted:
+benchmarks print measurements, the suite only checks that they can be taken)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_benchmark_runs_on_a_tiny_folder(tmp_path):
+    pytest.importorskip("torch")  # (a) runs the original path in PyTorch: the [train] extra
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--n", "6",
+                             "--repeats", "1", "--workdir", str(tmp_path / "bench"), "--json", str(out),
+                             "--checkpoint", str(tmp_path / "absent.pt")],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "b / ideal (JPEG Baseline)" in result.stdout and "b / cold-start bound" in result.stdout
+
+    r = json.loads(out.read_text())
+    assert r["n"] == 6 and len(list((tmp_path / "bench" / "jpeg-6").glob("*.dcm"))) == 6
+    for key in ("a_original_img_s", "b_heartbatch_run_img_s", "b_heartbatch_run_j2k12_img_s",
+                "decode_1proc_img_s", "decode_pool_img_s", "inference_1thread_best_img_s",
+                "ideal_pipelined_img_s", "all_cores_img_s", "startup_floor_s", "peak_rss_mb_b"):
+        assert r[key] > 0, key
+    assert r["b_over_a"] == pytest.approx(r["b_heartbatch_run_img_s"] / r["a_original_img_s"])
+    cores = r["machine"]["cores"]
+    assert r["ideal_pipelined_img_s"] == pytest.approx(
+        cores / (1 / r["decode_1proc_img_s"] + 1 / r["inference_1thread_best_img_s"]))
+    assert r["cold_start_bound_img_s"] == pytest.approx(6 / (r["startup_floor_s"] + 6 / r["all_cores_img_s"]))
+    assert len(r["inference_grid"]) == 4 * len({1, cores})
