@@ -17,8 +17,9 @@ lossless variant, then measures end-to-end images/s of:
   (d) what any cold run of N files must pay on top: the start-up floor (a new
       interpreter importing the decoders and onnxruntime and loading the model,
       before its first image) and the all-cores rate (one process per core, each
-      decoding and measuring its share at once, no IPC, sharing caches and memory
-      bandwidth), giving the cold-start bound N / (start-up + N / all-cores rate).
+      decoding and measuring its share in heartbatch's batches, all at once, no
+      IPC, sharing caches and memory bandwidth), giving the cold-start bound
+      N / (start-up + N / all-cores rate).
 
 Each measurement is repeated; medians are reported with b/a and b/ideal.
 """
@@ -55,20 +56,25 @@ def original_path(files: list[Path], net) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def load_torch_net(checkpoint: Path | None):
+def load_torch_net(checkpoints: list[Path]):
+    """The shipped model's network(s) in PyTorch; several checkpoints: their average, as exported."""
     import torch
 
+    from exporter.export import Averaged
     from exporter.net import HeartBoxNet
 
-    if checkpoint and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        net = HeartBoxNet(mean=state["config"]["mean"], std=state["config"]["std"])
-        net.load_state_dict(state["model"])
-    else:
-        print(f"note: {checkpoint} not found; timing a randomly initialised network of the same shape")
-        net = HeartBoxNet()
+    nets = []
+    for checkpoint in checkpoints:
+        if checkpoint.is_file():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            net = HeartBoxNet(mean=state["config"]["mean"], std=state["config"]["std"])
+            net.load_state_dict(state["model"])
+        else:
+            print(f"note: {checkpoint} not found; timing a randomly initialised network of the same shape")
+            net = HeartBoxNet()
+        nets.append(net.eval())
     torch.set_num_threads(os.cpu_count() or 1)
-    return net.eval()
+    return nets[0] if len(nets) == 1 else Averaged(nets).eval()
 
 
 def heartbatch_run(folder: Path, workdir: Path, model: Path | None) -> tuple[float, int]:
@@ -130,16 +136,16 @@ def startup_floor(model_path: Path | None) -> float:
 def _measure_share(paths: list[str], model_path: str | None, barrier, results) -> None:
     """One core's share: load the model, warm up, wait for the others, then time the files."""
     from heartbatch.model import BoxModel, remember
-    from heartbatch.workers import measure_file
+    from heartbatch.pipeline import FILES_PER_TASK
+    from heartbatch.workers import measure_files
 
     model = BoxModel(model_path, threads=1)
     ref, size = remember(model), model.info.input_size
-    for path in paths[:2]:
-        measure_file(path, size, None, model=ref, threshold=0.5, threads=1)
+    measure_files(paths[:FILES_PER_TASK], size, None, model=ref, threshold=0.5, threads=1)
     barrier.wait()
     start = time.perf_counter()
-    for path in paths:
-        measure_file(path, size, None, model=ref, threshold=0.5, threads=1)
+    for i in range(0, len(paths), FILES_PER_TASK):
+        measure_files(paths[i:i + FILES_PER_TASK], size, None, model=ref, threshold=0.5, threads=1)
     results.put(time.perf_counter() - start)
 
 
@@ -170,8 +176,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "heartbatch-bench")
     p.add_argument("--model", type=Path, help="ONNX model (default: the shipped model)")
-    p.add_argument("--checkpoint", type=Path, default=REPO / "runs" / "default" / "best.pt",
-                   help="torch checkpoint of the same network for the original path")
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=[REPO / "runs" / "default" / "best.pt"],
+                   help="torch checkpoint(s) of the shipped model's network(s), for the original path")
     p.add_argument("--skip-original", action="store_true", help="no torch: skip (a)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()

@@ -19,9 +19,13 @@ from pathlib import Path
 
 from .model import BoxModel, remember
 from .records import Record
-from .workers import DEFAULT_TIMEOUT, DecodePool, measure_file
+from .workers import DEFAULT_TIMEOUT, DecodePool, measure_files
 
 log = logging.getLogger("heartbatch")
+
+# files per worker task, measured in one inference batch: single-threaded int8 inference is ~7 %
+# faster per image at batch 4 than at 1 (no gain beyond), and there are 4x fewer messages
+FILES_PER_TASK = 4
 
 @dataclass
 class RunOptions:
@@ -42,9 +46,10 @@ class Runner:
         workers = (os.cpu_count() or 1) if workers is None else workers
         threads = self.options.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
         # this process's copy serves inline files; workers load theirs once (and check its hash)
-        task = partial(measure_file, model=remember(model), threshold=self.options.threshold, threads=threads)
+        task = partial(measure_files, model=remember(model), threshold=self.options.threshold, threads=threads)
         # the pool outlives one call to process(), so `watch` starts its workers once
-        self.pool = DecodePool(workers, model.info.input_size, self.options.timeout, function=task)
+        self.pool = DecodePool(workers, model.info.input_size, self.options.timeout, many=task,
+                               chunk=FILES_PER_TASK)
 
     def process(self, paths: Iterable[str | Path]) -> Iterator[list[Record]]:
         """Yield lists of at most ``batch_size`` records, in completion order."""

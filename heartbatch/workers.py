@@ -1,13 +1,13 @@
 """Reading, preprocessing and measuring files in worker processes, safely.
 
 :func:`prepare` turns one path into model input or a record, never an
-exception, within a time limit; :func:`measure_file` also runs the model on
-it, so only a small record leaves the process.  :class:`DecodePool` runs one
-of them over many files in worker processes, with a bounded number of files
-in flight; a worker that dies
-(a decoder crash, the OOM killer) costs only the file that killed it: the
-files it had in flight are retried one at a time, and a file that kills a
-worker twice gets an `error` row.
+exception, within a time limit; :func:`measure_files` also runs the model on
+a few of them in one batch, so only small records leave the process.
+:class:`DecodePool` runs one of them over many files in worker processes, a
+few files per task, with a bounded number of tasks in flight; a worker that
+dies (a decoder crash, the OOM killer) costs only the file that killed it:
+the files it had in flight are retried one at a time, and a file that kills
+a worker twice gets an `error` row.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 
 import numpy as np
 
@@ -98,20 +100,23 @@ def prepare(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT) -> Pr
         signal.signal(signal.SIGALRM, previous)
 
 
-def measure_file(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT, *, model: ModelRef,
-                 threshold: float, threads: int | None = 1) -> Record:
-    """prepare() then the model (loaded once per process): one file's record.
+def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_TIMEOUT, *, model: ModelRef,
+                  threshold: float, threads: int | None = 1) -> list[Record]:
+    """prepare() each file, then one batch through the model (loaded once per process):
+    the files' records, in order.
 
     Run in the worker processes, each core decodes and infers its own files:
     no image crosses between processes, and single-threaded inference on
     every core beats one multi-threaded model waiting for decoded images.
     """
-    item = prepare(path, size, timeout)
-    if isinstance(item, Record):
-        return item
+    items = [prepare(path, size, timeout) for path in paths]
+    ready = [item for item in items if isinstance(item, Prepared)]
+    if not ready:
+        return items
     box_model = worker_model(model, threads)
-    boxes = box_model.predict(item.image[None])[0]
-    return measure(item.path, item.header, boxes, box_model.info.model_id, threshold)
+    boxes = iter(box_model.predict(np.stack([item.image for item in ready])))
+    return [measure(item.path, item.header, next(boxes), box_model.info.model_id, threshold)
+            if isinstance(item, Prepared) else item for item in items]
 
 
 def _end_with(main_pid: int) -> None:
@@ -130,11 +135,24 @@ def _end_with(main_pid: int) -> None:
     threading.Thread(target=watch, name="end-with-main", daemon=True).start()
 
 
-class DecodePool:
-    """prepare() over many paths in worker processes, results in completion order."""
+def _each(function, paths: list[str], size: int, timeout: float | None) -> list:
+    """A per-file function over one task's files."""
+    return [function(path, size, timeout) for path in paths]
 
-    def __init__(self, workers: int, size: int, timeout: float | None = DEFAULT_TIMEOUT, function=None):
-        self.function = function or prepare  # module-level, so worker processes can import it
+
+class DecodePool:
+    """A function over many paths in worker processes, results in completion order.
+
+    ``function(path, size, timeout)`` handles one file (default :func:`prepare`);
+    ``many(paths, size, timeout)`` handles a task's list of up to ``chunk`` files
+    at once (:func:`measure_files` batches their inference).  Both are module-level
+    functions (or partials of them), so worker processes can import them.
+    """
+
+    def __init__(self, workers: int, size: int, timeout: float | None = DEFAULT_TIMEOUT, function=None,
+                 many=None, chunk: int = 1):
+        self._task = many if many is not None else partial(_each, function or prepare)
+        self.chunk = max(1, chunk)
         self.workers = workers
         self.size = size
         self.timeout = timeout
@@ -158,51 +176,55 @@ class DecodePool:
 
     def map(self, paths: Iterable[str]) -> Iterator[Prepared | Record]:
         paths = iter(paths)
-        head = [p for _, p in zip(range(INLINE_MAX_FILES + 1), paths)]
+        head = list(islice(paths, INLINE_MAX_FILES + 1))
         if self.workers <= 0 or len(head) <= INLINE_MAX_FILES:
-            for path in (*head, *paths):
-                yield self.function(path, self.size, self.timeout)
+            rest = _chain(head, paths)
+            while chunk := list(islice(rest, self.chunk)):
+                yield from self._task(chunk, self.size, self.timeout)
             return
         yield from self._parallel(_chain(head, paths))
 
     def _parallel(self, source: Iterator[str]) -> Iterator[Prepared | Record]:
-        limit = self.workers * 4
-        pending: dict[Future, str] = {}
+        limit = self.workers * max(2, 4 // self.chunk)  # tasks in flight: each worker has its next one
+        pending: dict[Future, list[str]] = {}
         suspects: deque[str] = deque()   # in flight when a worker died: retried one at a time
         crashes: dict[str, int] = {}
         exhausted = False
         while pending or suspects or not exhausted:
-            cap = 1 if suspects or any(p in crashes for p in pending.values()) else limit
+            retrying = suspects or any(p in crashes for chunk in pending.values() for p in chunk)
+            cap = 1 if retrying else limit
             while len(pending) < cap:
                 if suspects:
-                    path = suspects.popleft()
+                    chunk = [suspects.popleft()]
                 elif not exhausted:
-                    path = next(source, None)
-                    if path is None:
+                    chunk = list(islice(source, self.chunk))
+                    if not chunk:
                         exhausted = True
                         break
                 else:
                     break
-                pending[self._pool().submit(self.function, path, self.size, self.timeout)] = path
+                pending[self._pool().submit(self._task, chunk, self.size, self.timeout)] = chunk
             if not pending:
                 continue
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken = False
             for future in done:
-                path = pending.pop(future)
+                chunk = pending.pop(future)
                 try:
-                    yield future.result()
+                    yield from future.result()
                 except BrokenProcessPool:
                     broken = True
-                    crashes[path] = crashes.get(path, 0) + 1
-                    if crashes[path] >= MAX_CRASHES:
-                        yield Record(path, ERROR, "the decoder crashed on this file (worker process died)")
-                    else:
-                        suspects.append(path)
+                    for path in chunk:
+                        crashes[path] = crashes.get(path, 0) + 1
+                        if crashes[path] >= MAX_CRASHES:
+                            yield Record(path, ERROR, "the decoder crashed on this file (worker process died)")
+                        else:
+                            suspects.append(path)
             if broken:
-                for future, path in pending.items():  # lost with the pool: retry them singly
-                    crashes[path] = crashes.get(path, 0)
-                    suspects.append(path)
+                for chunk in pending.values():  # lost with the pool: retry them singly
+                    for path in chunk:
+                        crashes[path] = crashes.get(path, 0)
+                        suspects.append(path)
                 pending.clear()
                 self._reset()
 

@@ -557,8 +557,8 @@ def pool_files(tmp_path_factory, data_dir) -> list[str]:
     return [str(write_dicom(folder / name, chest)) for name in names]
 
 
-def _pool_results(function, paths, timeout=60.0, workers=2):
-    pool = DecodePool(workers=workers, size=224, timeout=timeout, function=function)
+def _pool_results(function, paths, timeout=60.0, workers=2, chunk=1):
+    pool = DecodePool(workers=workers, size=224, timeout=timeout, function=function, chunk=chunk)
     try:
         started = time.monotonic()
         results = list(pool.map(paths))
@@ -573,11 +573,13 @@ def _by_path(results) -> dict[str, Prepared | Record]:
     return dict(zip(paths, results))
 
 
+@pytest.mark.parametrize("chunk", [1, 4], ids=["1 file per task", "4 files per task"])
 @pytest.mark.parametrize("function", [crashers.crash_on_marker, crashers.exit_on_marker],
                          ids=["SIGKILL", "os._exit"])
-def test_worker_killed_by_one_file_costs_only_that_file(pool_files, function):
-    """A file that kills its worker (twice) gets an error row; every other file its result."""
-    results = _by_path(_pool_results(function, pool_files)[0])
+def test_worker_killed_by_one_file_costs_only_that_file(pool_files, function, chunk):
+    """A file that kills its worker (twice) gets an error row; every other file its result,
+    including the files that shared its task."""
+    results = _by_path(_pool_results(function, pool_files, chunk=chunk)[0])
     assert set(results) == set(pool_files)
     for path, result in results.items():
         if Path(path).name == "crash.dcm":
@@ -587,9 +589,12 @@ def test_worker_killed_by_one_file_costs_only_that_file(pool_files, function):
             assert isinstance(result, Prepared), (path, getattr(result, "reason", ""))
 
 
-def test_a_file_that_crashes_once_is_retried(pool_files):
+@pytest.mark.parametrize("chunk", [1, 4], ids=["1 file per task", "4 files per task"])
+def test_a_file_that_crashes_once_is_retried(pool_files, chunk, tmp_path):
     """One crash is retried singly: a transient failure does not cost the file."""
-    results = _by_path(_pool_results(crashers.crash_once, pool_files)[0])
+    for sentinel in Path(pool_files[-1]).parent.glob("*.crashed-once"):
+        sentinel.unlink()  # the other parametrization's first crash
+    results = _by_path(_pool_results(crashers.crash_once, pool_files, chunk=chunk)[0])
     assert set(results) == set(pool_files)
     assert Path(pool_files[-1] + ".crashed-once").exists()  # it did crash a worker
     assert all(isinstance(r, Prepared) for r in results.values())
@@ -605,6 +610,33 @@ def test_hanging_file_hits_the_time_limit_in_a_worker(pool_files):
     assert "longer than 2 s" in hang.reason
     assert all(isinstance(r, Prepared) for p, r in results.items() if Path(p).name != "hang.dcm")
     assert seconds < crashers.HANG_SECONDS / 2
+
+
+def test_measure_files_batches_in_order(pool_files, intensity_model, tmp_path):
+    """Files measured in one batch get the same records as one at a time, in order: an
+    file that is not DICOM keeps its place, and no box goes to the wrong file
+    (the intensity model's boxes differ per image)."""
+    from heartbatch.model import remember
+    from heartbatch.workers import measure_files
+
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not a dicom file")
+    others = [tmp_path / f"dim{i}.dcm" for i in range(2)]
+    for i, path in enumerate(others):  # a darker and a brighter copy: different boxes
+        ds = pydicom.dcmread(pool_files[0])
+        ds.PixelData = (ds.pixel_array // (i + 2)).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(path)
+    paths = [pool_files[0], str(broken), str(others[0]), str(others[1])]
+    ref = remember(BoxModel(intensity_model, threads=1))
+    batched = measure_files(paths, 224, 60.0, model=ref, threshold=0.5)
+    single = [measure_files([p], 224, 60.0, model=ref, threshold=0.5)[0] for p in paths]
+    assert [r.path for r in batched] == paths
+    assert [r.status for r in batched] == ["ok", "skipped", "ok", "ok"]
+    for a, b in zip(batched, single):
+        assert (a.status, a.reason) == (b.status, b.reason)
+        if a.status == "ok":
+            assert a.heart == pytest.approx(b.heart, abs=1e-4) and a.ctr == pytest.approx(b.ctr, abs=1e-6)
+    assert len({tuple(r.heart) for r in batched if r.status == "ok"}) == 3
 
 
 def test_hanging_file_hits_the_time_limit_in_process(pool_files, monkeypatch):
