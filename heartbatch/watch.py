@@ -158,6 +158,7 @@ class Watcher:
                     final.append(record)
             if final:
                 self.session.write(final)
+                self.session.report.sync()  # a re-measured file's old row goes before anyone is told
                 self.processed += len(final)
                 wrote = True
                 if self.on_records is not None:
@@ -192,7 +193,6 @@ class Watcher:
                 self._drain_events(now)
                 ready = self._ready(now)
                 if ready and self._process(ready):
-                    self.session.report.sync()
                     self.session.summarize()
                     continue
                 self.stop_requested.wait(self.wopts.poll_interval)
