@@ -590,7 +590,7 @@ def test_worker_killed_by_one_file_costs_only_that_file(pool_files, function, ch
 
 
 @pytest.mark.parametrize("chunk", [1, 4], ids=["1 file per task", "4 files per task"])
-def test_a_file_that_crashes_once_is_retried(pool_files, chunk, tmp_path):
+def test_a_file_that_crashes_once_is_retried(pool_files, chunk):
     """One crash is retried singly: a transient failure does not cost the file."""
     for sentinel in Path(pool_files[-1]).parent.glob("*.crashed-once"):
         sentinel.unlink()  # the other parametrization's first crash
