@@ -80,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--aug-scale", type=float, nargs=2, default=list(AugmentConfig.scale), metavar=("LO", "HI"),
+                   help="random zoom range (default 0.9 1.1)")
+    p.add_argument("--aug-rotate", type=float, default=AugmentConfig.rotate_deg, metavar="DEG",
+                   help="random rotation, +- degrees (default 7)")
+    p.add_argument("--aug-translate", type=float, default=AugmentConfig.translate, metavar="FRAC",
+                   help="random shift, +- fraction of the image size (default 0.05)")
     p.add_argument("--imagenet-weights", type=Path,
                    help="local torchvision resnet18 ImageNet state dict (optional; default: from scratch)")
     p.add_argument("--resume", type=Path, help="checkpoint to continue from (e.g. runs/NAME/last.pt)")
@@ -154,12 +160,15 @@ def main(argv=None) -> int:
 
     config = {"size": args.size, "outputs": 8, "mean": mean, "std": std, "arch": "resnet18-fpn-softargmax",
               "data": str(args.data), "labels": args.labels, "seed": args.seed, "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr, "augment": not args.no_augment,
+              "batch_size": args.batch_size, "lr": args.lr,
+              "augment": None if args.no_augment else {"scale": list(args.aug_scale), "rotate_deg": args.aug_rotate,
+                                                       "translate": args.aug_translate},
               "train_images": len(train_data), "val_images": len(val_data),
               "iou_weight": args.iou_weight, "average_from": args.average_from, "average_lr": args.average_lr,
               "imagenet_init": args.imagenet_weights is not None, "init": str(args.init) if args.init else None,
               "code_version": code_version()}
-    augment = None if args.no_augment else AugmentConfig()
+    augment = None if args.no_augment else AugmentConfig(scale=tuple(args.aug_scale), rotate_deg=args.aug_rotate,
+                                                         translate=args.aug_translate)
     started = time.monotonic()
     log = open(args.out / "metrics.jsonl", "a")
     with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
