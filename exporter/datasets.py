@@ -102,15 +102,26 @@ def split_keys(keys: list[str], val_fraction: float, seed: int) -> dict[str, lis
     return {"seed": seed, "val_fraction": val_fraction, "train": sorted(train), "val": sorted(val)}
 
 
-def load_or_make_split(path: Path, keys: list[str], val_fraction: float, seed: int) -> dict:
-    """The persisted split if present (so resumed and repeated runs agree), else a new one."""
-    if path.is_file():
-        split = json.loads(path.read_text())
-        unknown = set(split["train"] + split["val"]) - set(keys)
-        if unknown:
-            raise ValueError(f"{path}: {len(unknown)} split entries are not in the data "
-                             f"(e.g. {sorted(unknown)[0]}); use a new --out or delete the split")
-        return split
+def load_or_make_split(path: Path, keys: list[str], val_fraction: float, seed: int,
+                       source: Path | None = None) -> dict:
+    """The persisted split at ``path`` if present (so resumed and repeated runs
+    agree), else ``source``'s (copied to ``path``), else a new one."""
+    if source is not None:
+        split = json.loads(Path(source).read_text())
+        if path.is_file() and json.loads(path.read_text()) != split:
+            raise ValueError(f"{path} holds a different split than {source}; use a new --out")
+    elif path.is_file():
+        split, source = json.loads(path.read_text()), path
+    else:
+        split = split_keys(keys, val_fraction, seed)
+    if not (isinstance(split, dict) and isinstance(split.get("train"), list) and isinstance(split.get("val"), list)):
+        raise ValueError(f"{source}: not a split file (needs 'train' and 'val' lists of image keys)")
+    unknown = set(split["train"] + split["val"]) - set(keys)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} split entries are not in the data "
+                         f"(e.g. {sorted(unknown)[0]}); use a new --out or delete the split")
+    path.write_text(json.dumps(split, indent=1))
+    return split
     split = split_keys(keys, val_fraction, seed)
     path.write_text(json.dumps(split, indent=1))
     return split

@@ -78,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--split", type=Path, metavar="SPLIT_JSON",
+                   help="use this persisted train/validation split (e.g. runs/default/split.json), so that "
+                        "runs with different seeds hold out the same images (default: the run folder's own, "
+                        "made from --seed and --val-fraction on the first run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--aug-scale", type=float, nargs=2, default=list(AugmentConfig.scale), metavar=("LO", "HI"),
@@ -118,7 +122,12 @@ def main(argv=None) -> int:
     except (LabelError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    split = load_or_make_split(args.out / "split.json", [i.key for i in items], args.val_fraction, args.seed)
+    try:
+        split = load_or_make_split(args.out / "split.json", [i.key for i in items], args.val_fraction, args.seed,
+                                   source=args.split)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
     by_key = {i.key: i for i in items}
     with Progress(TextColumn("loading images"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
         task = bar.add_task("load", total=len(items))

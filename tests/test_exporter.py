@@ -381,6 +381,62 @@ def test_weight_averaging_run(data_dir, tmp_path):
                        "--batch-size", "4", "--average-from", "2", "--resume", str(out / "last.pt")]) == 0
 
 
+
+def test_augmentation_strength_flags(data_dir, tmp_path, monkeypatch):
+    """--aug-* reach the augmentation of every epoch and are recorded in the checkpoint."""
+    from exporter import train
+
+    seen = []
+    real = train.train_one_epoch
+
+    def spy(model, data, optimizer, scheduler, gen, batch_size, device, augment, **kw):
+        seen.append(augment)
+        return real(model, data, optimizer, scheduler, gen, batch_size, device, augment, **kw)
+
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    out = tmp_path / "run"
+    assert train.main(["--data", str(_tiny_mask_folder(data_dir, tmp_path, n=4)), "--out", str(out),
+                       "--size", "64", "--epochs", "2", "--batch-size", "4", "--threads", "1",
+                       "--aug-scale", "0.8", "1.2", "--aug-rotate", "12", "--aug-translate", "0.1"]) == 0
+    assert [(a.scale, a.rotate_deg, a.translate) for a in seen] == [((0.8, 1.2), 12.0, 0.1)] * 2
+    config = torch.load(out / "last.pt", weights_only=False)["config"]
+    assert config["augment"] == {"scale": [0.8, 1.2], "rotate_deg": 12.0, "translate": 0.1}
+
+    seen.clear()
+    assert train.main(["--data", str(tmp_path / "cxr"), "--out", str(tmp_path / "plain"), "--size", "64",
+                       "--epochs", "1", "--batch-size", "4", "--threads", "1", "--no-augment"]) == 0
+    assert seen == [None]
+    assert torch.load(tmp_path / "plain" / "last.pt", weights_only=False)["config"]["augment"] is None
+
+
+
+def test_shared_split_across_seeds(data_dir, tmp_path, capsys):
+    """--split: a second seed holds out the same images; a conflicting or foreign split is refused."""
+    from exporter import train
+
+    data = _tiny_mask_folder(data_dir, tmp_path, n=6)
+    common = ["--data", str(data), "--size", "64", "--epochs", "1", "--batch-size", "4", "--threads", "1",
+              "--val-fraction", "0.34"]
+    assert train.main([*common, "--out", str(tmp_path / "a"), "--seed", "0"]) == 0
+    first = json.loads((tmp_path / "a" / "split.json").read_text())
+    assert train.main([*common, "--out", str(tmp_path / "b"), "--seed", "5",
+                       "--split", str(tmp_path / "a" / "split.json")]) == 0
+    assert json.loads((tmp_path / "b" / "split.json").read_text()) == first
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["split"] == first
+
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps({"train": first["val"], "val": first["train"]}))
+    assert train.main([*common, "--out", str(tmp_path / "b"), "--split", str(swapped)]) == 2
+    assert "different split" in " ".join(capsys.readouterr().err.split())
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"train": ["jsrt/NOPE.png"], "val": first["val"]}))
+    assert train.main([*common, "--out", str(tmp_path / "c"), "--split", str(foreign)]) == 2
+    assert "not in the data" in " ".join(capsys.readouterr().err.split())
+    foreign.write_text("[1, 2]")
+    assert train.main([*common, "--out", str(tmp_path / "c"), "--split", str(foreign)]) == 2
+    assert "not a split file" in " ".join(capsys.readouterr().err.split())
+
+
 # --- int8 quantization ----------------------------------------------------------
 
 def test_quantize_exported_model(data_dir, tmp_path, capsys):
