@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,10 +21,11 @@ from torchvision.models import resnet18
 
 from dicom_factory import write_dicom
 from exporter import export
-from exporter.datasets import build_dataset
+from exporter.datasets import build_dataset, split_keys
 from exporter.engine import SEG_WEIGHT, box_loss, seg_loss, train_one_epoch
 from exporter.net import HeartBoxNet
 from exporter.train import CHECKPOINT_FORMAT
+import heartbatch
 from heartbatch import contract as C
 from heartbatch.labels import (LEGACY_SIZE, from_box_csv, from_legacy_labels, from_mask_folder,
                                load_labels)
@@ -435,6 +437,16 @@ def test_shared_split_across_seeds(data_dir, tmp_path, capsys):
     foreign.write_text("[1, 2]")
     assert train.main([*common, "--out", str(tmp_path / "c"), "--split", str(foreign)]) == 2
     assert "not a split file" in " ".join(capsys.readouterr().err.split())
+
+
+
+def test_shipped_split_is_the_seed_0_split(data_dir):
+    """The model card's validation split is the one heartbatch-train --seed 0 draws, so it can be remade."""
+    shipped = json.loads((Path(heartbatch.__file__).parent / "models" / "heartbox.split.json").read_text())
+    keys = [item.key for item in load_labels(data_dir / "cxr-ctr")]
+    assert shipped == split_keys(keys, 0.15, 0)
+    assert len(shipped["val"]) == 67 and len(shipped["train"]) == 379
+    assert not set(shipped["val"]) & set(shipped["train"])
 
 
 # --- int8 quantization ----------------------------------------------------------
