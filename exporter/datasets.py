@@ -104,8 +104,9 @@ def split_keys(keys: list[str], val_fraction: float, seed: int) -> dict[str, lis
 
 def load_or_make_split(path: Path, keys: list[str], val_fraction: float, seed: int,
                        source: Path | None = None) -> dict:
-    """The persisted split at ``path`` if present (so resumed and repeated runs
-    agree), else ``source``'s (copied to ``path``), else a new one."""
+    """``source``'s split when given (it must match one already at ``path``), else
+    the one persisted at ``path`` (so resumed and repeated runs agree), else a
+    new one; saved at ``path`` either way."""
     if source is not None:
         split = json.loads(Path(source).read_text())
         if path.is_file() and json.loads(path.read_text()) != split:
@@ -120,8 +121,5 @@ def load_or_make_split(path: Path, keys: list[str], val_fraction: float, seed: i
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} split entries are not in the data "
                          f"(e.g. {sorted(unknown)[0]}); use a new --out or delete the split")
-    path.write_text(json.dumps(split, indent=1))
-    return split
-    split = split_keys(keys, val_fraction, seed)
     path.write_text(json.dumps(split, indent=1))
     return split
