@@ -25,6 +25,10 @@ class Record:
     thoracic_width_mm: float | None = None
     enlarged: bool | None = None
     model_id: str = ""
+    chest_score: float | None = None  # content check, 0-1: how surely a frontal chest film (None: model has none)
+    uncertainty: float | None = None  # one standard deviation of the CTR (None: model has none)
+    review: bool | None = None        # ok rows: a person should check this measurement
+    review_reason: str = ""
     detail: str = ""                  # traceback for --debug logs; never written to the report
 
     @property
