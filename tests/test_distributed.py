@@ -22,7 +22,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
-from dicom_factory import monochrome1_twin, shared_png, to_bits, truncate, write_dicom
+from dicom_factory import monochrome1_twin, shared_png, shared_png_paths, to_bits, truncate, write_dicom
 from heartbatch import cli
 from heartbatch.distributed import (CRASH_REASON, DistributedError, ModelRef, WorkerModelError, parse_scheduler,
                                     process_chunk, worker_model)
@@ -55,7 +55,7 @@ def build_folder(root: Path, data_dir: Path, n_ok: int = 14, size: int = SIZE) -
     expected = {}
     encodings = ["plain", "jpeg", "rle", "j2k", "12bit", "mono1"]
     for i in range(n_ok):
-        img = small(data_dir, i, size)
+        img = small(data_dir, i % len(shared_png_paths(data_dir)), size)
         name = f"cxr_{i:03d}_{encodings[i % len(encodings)]}.dcm"
         kind = encodings[i % len(encodings)]
         kw = dict(patient_id=f"HB-{i:04d}", accession=f"ACC{i:04d}")
@@ -218,7 +218,7 @@ def test_killed_worker_each_file_exactly_once(tmp_path, data_dir, intensity_mode
 
     # a changed file is measured again through the cluster, its row replaced, never duplicated
     changed = tmp_path / "studies" / "cxr_000_plain.dcm"
-    write_dicom(changed, small(data_dir, 20))
+    write_dicom(changed, small(data_dir, 12))
     again = local_run_dask(tmp_path / "studies", out, model, client)
     assert again.processed == 1 and again.unchanged == len(expected) - 1
     rows = read_rows(out)

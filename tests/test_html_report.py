@@ -60,8 +60,8 @@ def ran(tmp_path_factory, data_dir, siim_dicom, intensity_model):
     studies.mkdir()
     shutil.copyfile(siim_dicom, studies / "siim.dcm")
     write_dicom(studies / "pa_jpeg.dcm", shared_png(data_dir, 5), transfer_syntax=JPEGBaseline8Bit)
-    write_dicom(studies / "ap.dcm", shared_png(data_dir, 300), view_position="AP")
-    write_dicom(studies / "nonsquare.dcm", make_nonsquare(shared_png(data_dir, 120), 600, 460))
+    write_dicom(studies / "ap.dcm", shared_png(data_dir, 12), view_position="AP")  # a Wingspan image
+    write_dicom(studies / "nonsquare.dcm", make_nonsquare(shared_png(data_dir, 6), 600, 460))
     write_dicom(studies / "lateral.dcm", shared_png(data_dir, 7), view_position="LL")
     (studies / "notes.txt").write_text("not a DICOM file\n")
     report, page = root / "out" / "report.csv", root / "out" / "report.html"

@@ -214,9 +214,9 @@ def chest_dir(tmp_path, chest_pngs) -> Path:
     """Ten frontal chests, a lateral, a text file and a truncated DICOM: all three statuses."""
     folder = tmp_path / "studies"
     write_chests(folder, chest_pngs, 10)
-    write_dicom(folder / "lateral.dcm", thumbnail(chest_pngs[20]), view_position="LL")
+    write_dicom(folder / "lateral.dcm", thumbnail(chest_pngs[12]), view_position="LL")
     (folder / "notes.txt").write_text("not a DICOM file\n")
-    truncate(write_dicom(folder / "cut.dcm", thumbnail(chest_pngs[21])), 0.6)
+    truncate(write_dicom(folder / "cut.dcm", thumbnail(chest_pngs[13])), 0.6)
     return folder
 
 
@@ -414,8 +414,8 @@ def test_kill_9_at_random_moments_then_restart_gives_exactly_the_uninterrupted_r
     rng = random.Random(CRASH_SEED)
     folder = tmp_path / "studies"
     files = write_chests(folder, chest_pngs, 236)
-    files.append(write_dicom(folder / "lateral.dcm", thumbnail(chest_pngs[300]), view_position="LL"))
-    files.append(truncate(write_dicom(folder / "cut.dcm", thumbnail(chest_pngs[301])), 0.6))
+    files.append(write_dicom(folder / "lateral.dcm", thumbnail(chest_pngs[14]), view_position="LL"))
+    files.append(truncate(write_dicom(folder / "cut.dcm", thumbnail(chest_pngs[15])), 0.6))
     (folder / "README.txt").write_text("exported by hand\n")
     files.append(folder / "README.txt")
     expected = {str(p) for p in files}
