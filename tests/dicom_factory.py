@@ -237,7 +237,11 @@ def _mark_lossy(ds: Dataset, method: str, native: int | None = None,
 # --- pixel helpers ---------------------------------------------------------
 
 def shared_png_paths(data_dir: str | Path) -> list[Path]:
-    """Sorted so that ``index`` picks the same image on every machine."""
+    """Sorted so that ``index`` picks the same image on every machine.
+
+    Under the ``data_dir`` fixture (tests/fixtures/data) there are 16 images:
+    0-8 JSRT (the same as 0-8 of the full data set), 9-15 Wingspan.
+    """
     return sorted(Path(data_dir).glob("cxr-ctr/*/png/*.png"))
 
 
@@ -246,6 +250,8 @@ def shared_png(data_dir: str | Path, index: int = 0) -> np.ndarray:
     paths = shared_png_paths(data_dir)
     if not paths:
         raise FileNotFoundError(f"no cxr-ctr/*/png/*.png under {data_dir}")
+    if not -len(paths) <= index < len(paths):
+        raise IndexError(f"image index {index}: {data_dir} has {len(paths)} chest images")
     with Image.open(paths[index]) as im:
         return np.asarray(im.convert("L"), dtype=np.uint8)
 

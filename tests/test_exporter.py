@@ -440,10 +440,10 @@ def test_shared_split_across_seeds(data_dir, tmp_path, capsys):
 
 
 
-def test_shipped_split_is_the_seed_0_split(data_dir):
+def test_shipped_split_is_the_seed_0_split(full_data_dir):
     """The model card's validation split is the one heartbatch-train --seed 0 draws, so it can be remade."""
     shipped = json.loads((Path(heartbatch.__file__).parent / "models" / "heartbox.split.json").read_text())
-    keys = [item.key for item in load_labels(data_dir / "cxr-ctr")]
+    keys = [item.key for item in load_labels(full_data_dir / "cxr-ctr")]
     assert shipped == split_keys(keys, 0.15, 0)
     assert len(shipped["val"]) == 67 and len(shipped["train"]) == 379
     assert not set(shipped["val"]) & set(shipped["train"])
