@@ -2,6 +2,7 @@
 benchmarks print measurements, the suite only checks that they can be taken)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_throughput_benchmark_runs_on_a_tiny_folder(tmp_path):
+def test_throughput_benchmark_runs_on_a_tiny_folder(tmp_path, data_dir):
     pytest.importorskip("torch")  # (a) runs the original path in PyTorch: the [train] extra
     out = tmp_path / "throughput.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--n", "6",
                              "--repeats", "1", "--workdir", str(tmp_path / "bench"), "--json", str(out),
                              "--checkpoint", str(tmp_path / "absent.pt")],
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
+                            capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env={**os.environ, "HEARTBATCH_DATA": str(data_dir)})  # the fixture set
     assert result.returncode == 0, result.stderr[-3000:]
     assert "b / ideal (JPEG Baseline)" in result.stdout and "b / cold-start bound" in result.stdout
 
