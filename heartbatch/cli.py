@@ -136,7 +136,9 @@ def _add_show(sub) -> None:
     p = sub.add_parser(
         "show", help="draw the boxes, widths and CTR on one image (optionally with an occlusion map)",
         description="Measure one DICOM file and write a PNG with the heart box (red), the thorax box (blue), "
-                    "the heart and thoracic widths and the CTR drawn on the image. --explain blends an "
+                    "the heart and thoracic widths and the CTR drawn on the image (with its uncertainty, the "
+                    "content check's chest score and the review flag when the model gives them; printed "
+                    "too). --explain blends an "
                     "occlusion-sensitivity map on top: how far the predicted heart box moves when each "
                     "region of the image is covered.")
     p.add_argument("file", type=Path, metavar="FILE", help="a DICOM file")
@@ -412,7 +414,15 @@ def cmd_show(args) -> int:
                       "heart": [round(v, 3) for v in record.heart],
                       "thorax": [round(v, 3) for v in record.thorax] if record.thorax else None,
                       "ctr": None if record.ctr is None else round(record.ctr, 4), "enlarged": record.enlarged,
+                      "chest_score": None if record.chest_score is None else round(record.chest_score, 3),
+                      "uncertainty": None if record.uncertainty is None else round(record.uncertainty, 4),
+                      "review": bool(record.review), "review_reason": record.review_reason,
                       **({"explain_max_shift_px": round(float(heat.max()), 3)} if args.explain else {})}))
+    if record.review:  # the JSON line is for scripts; a person reading the terminal must see this too
+        from rich.markup import escape
+
+        console.print(f"[bold yellow]review:[/] {escape(record.review_reason or 'check this measurement')}",
+                      highlight=False)
     return EXIT_OK
 
 

@@ -1,12 +1,14 @@
 """The HTML QA report: one self-contained file (images embedded) to look at a run.
 
 Built from the report CSV alone, through :func:`heartbatch.summary.summarize`
-(the same numbers as ``report.summary.json``): batch summary, the CTR
+(the same numbers as ``report.summary.json``): first the review queue (every
+measurement flagged for review and every film the content check refused, with
+a thumbnail: what a person has to look at), then the batch summary, the CTR
 histogram with the threshold (matplotlib, extra ``[report]``; without it the
 page says so and shows the counts as a table), thumbnails with the boxes for
-every flagged study and a sample of the others (each DICOM is read again from
+every enlarged study and a sample of the others (each DICOM is read again from
 the path in the report; a missing file gets a placeholder), and a sortable
-table of studies, flagged first.  Works offline from a ``file://`` URL: no
+table of studies, those to review and the enlarged first.  Works offline from a ``file://`` URL: no
 external scripts, styles, fonts or images.
 """
 
@@ -22,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .summary import read_report, summarize, summary_paths
+from .summary import flagged as review_flagged, read_report, summarize, summary_paths
 
 SAMPLE = 12        # thumbnails of studies below the threshold
 THUMB_SIDE = 320   # longer side of a thumbnail, pixels
+QUEUE = 50         # thumbnails in the review queue; the rest are counted
+CONTENT_CHECK = "not a frontal chest radiograph by its content"
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1d2430;background:#fff}
@@ -37,10 +41,11 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;font-size:13px}th,td{padding:4px 8px;border-bottom:1px solid #e6e8ee;text-align:left}
 th{background:#f4f6fa;position:sticky;top:0}table.sortable th{cursor:pointer;user-select:none}
 table.sortable th:after{content:" \\2195";color:#99a}tr.enlarged td{background:#fff0f0}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.review td{background:#fff8e0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .thumbs{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;width:%(side)dpx;background:#111;border:3px solid #ccd;border-radius:4px}
-figure.enlarged{border-color:#d01c1c}figure img{display:block;max-width:100%%;margin:auto}
+figure.enlarged{border-color:#d01c1c}figure.review{border-color:#e0a000}
+figure img{display:block;max-width:100%%;margin:auto}
 figcaption{background:#fff;font-size:12px;padding:4px 6px;word-break:break-all}
 .missing{height:%(side)dpx;display:flex;align-items:center;justify-content:center;color:#eee;padding:12px;
 text-align:center;font-size:13px}
@@ -135,7 +140,7 @@ def histogram_png(ctr: np.ndarray, threshold: float) -> bytes | None:
         ax.text(0.5, 0.5, "no CTR measured", ha="center", va="center", transform=ax.transAxes)
     ax.axvline(threshold, color="#c01818", linestyle="--", linewidth=2,
                label=f"threshold {threshold:.2f} ({int((ctr > threshold).sum())} above)")
-    ax.set_xlabel("cardiothoracic ratio (CTR), all measured images")
+    ax.set_xlabel("cardiothoracic ratio (CTR), measured images not flagged for review")
     ax.set_ylabel("images")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="upper right", frameon=True, framealpha=0.9, edgecolor="none")
@@ -191,17 +196,66 @@ def _figure(item: dict, row: dict, uri: str | None, why: str, anchor: str) -> st
             f"<figcaption>{caption}</figcaption></figure>")
 
 
-def build(report: Path, threshold: float | None = None, sample: int = SAMPLE) -> str:
+def refused_by_content(row: dict) -> bool:
+    """A file the content check skipped: its header passed, so its picture shows why."""
+    return row["status"] == "skipped" and bool(row.get("chest_score") or row["reason"].startswith(CONTENT_CHECK))
+
+
+def _review_queue(queue: list[dict], report: Path, threshold: float, anchors: dict, limit: int) -> str:
+    """Every flagged measurement, then every content-check refusal: the first thing to look at."""
+    n_review = sum(r["status"] == "ok" for r in queue)
+    head = (f"<h2 id='review'>Review queue: {n_review} measurements flagged for review, "
+            f"{len(queue) - n_review} films refused by the content check</h2>")
+    if not queue:
+        return head + "<p class='muted'>Nothing to review.</p>"
+    figures = []
+    for row in queue[:limit]:
+        uri, why = _thumbnail(row, report, threshold)
+        figures.append(_review_figure(row, uri, why, anchors[row["path"]]))
+    rest = len(queue) - limit
+    more = (f"<p>… and {rest} more: the rows with <code>review</code> = true, and the skipped rows, "
+            f"in the report CSV.</p>" if rest > 0 else "")
+    return (head + "<p class='muted'>Flagged measurements are not in the CTR statistics below; refused films "
+            f"were not measured.</p><div class='thumbs'>{''.join(figures)}</div>{more}")
+
+
+def _number(cell: str | None) -> float | None:
+    try:
+        return float(cell) if cell else None
+    except ValueError:
+        return None
+
+
+def _review_figure(row: dict, uri: str | None, why: str, anchor: str) -> str:
+    ctr, sd = _number(row.get("ctr")), _number(row.get("uncertainty"))
+    if row["status"] == "ok":
+        head = f"CTR {_fmt(ctr)}" + (f" ± {sd:.3f}" if sd is not None else "")
+        reason = row.get("review_reason") or "flagged for review"
+    else:
+        head, reason = "not measured", row["reason"]
+    caption = (f"<b class='flag'>{head}</b> · chest score {_fmt(_number(row.get('chest_score')))}"
+               f" · {_e(row.get('view_position') or '–')}<br>{_e(reason)}"
+               f"<br><span class='muted'>{_e(row['path'])}</span>")
+    picture = (f"<img src='{uri}' alt='{_e(row['path'])}'>" if uri else
+               f"<div class='missing'>no picture: {_e(why)}</div>")
+    return f"<figure class='review' id='{anchor}'>{picture}<figcaption>{caption}</figcaption></figure>"
+
+
+def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, queue_limit: int = QUEUE) -> str:
     """The HTML text for ``report`` (a heartbatch report CSV)."""
     report = Path(report)
     threshold = threshold if threshold is not None else (saved_threshold(report) or 0.5)
     summary = summarize(report, threshold)
-    rows = {r["path"]: r for r in read_report(report)}
+    table = read_report(report)
+    rows = {r["path"]: r for r in table}
+    queue = ([r for r in table if r["status"] == "ok" and review_flagged(r)]
+             + [r for r in table if refused_by_content(r)])
+    queue_anchors = {r["path"]: f"rq{i}" for i, r in enumerate(queue[:queue_limit])}
     studies = summary["studies"]["items"]
-    if not studies:  # heart-only model (no CTR): still show some measured images
+    if not studies and not summary["studies"]["review_only"]:  # heart-only model (no CTR): still show some
         studies = [{"path": p, "ctr": None, "enlarged": None, "study_instance_uid": r["study_instance_uid"],
-                    "study_date": r["study_date"], "view_position": r["view_position"], "images": 1}
-                   for p, r in rows.items() if r["status"] == "ok"]
+                    "study_date": r["study_date"], "view_position": r["view_position"], "images": 1, "review": 0}
+                   for p, r in rows.items() if r["status"] == "ok" and not review_flagged(r)]
     ordered = sorted(studies, key=lambda s: (not s["enlarged"], -(s["ctr"] or 0), s["path"]))
     flagged = [s for s in ordered if s["enlarged"]]
     shown = flagged + _sample([s for s in ordered if not s["enlarged"]], sample)
@@ -213,9 +267,11 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE) ->
         uri, why = _thumbnail(row, report, threshold)
         figures.append(_figure(item, row, uri, why, anchors[item["path"]]))
 
-    hist = histogram_png(np.array([float(r["ctr"]) for r in rows.values() if r["status"] == "ok" and r["ctr"]],
+    hist = histogram_png(np.array([float(r["ctr"]) for r in rows.values()
+                                   if r["status"] == "ok" and r["ctr"] and not review_flagged(r)],
                                   dtype=np.float64), threshold)
-    parts = [_header(summary, report), "<div class='top'>", _cards(summary)]
+    parts = [_header(summary, report), _review_queue(queue, report, threshold, queue_anchors, queue_limit),
+             "<div class='top'>", _cards(summary)]
     if hist is not None:
         parts.append(f"<div><img src='{_data_uri(hist, 'image/png')}' alt='CTR histogram' width='640'></div>")
     else:
@@ -224,16 +280,16 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE) ->
     parts.append(_views(summary))
     others = len(studies) - len(flagged)
     if summary["ctr"]["n"]:
-        parts.append(f"<h2>Images: {len(flagged)} flagged (CTR &gt; {threshold:.2f}), "
+        parts.append(f"<h2>Images: {len(flagged)} enlarged (CTR &gt; {threshold:.2f}), "
                      f"{len(shown) - len(flagged)} of {others} others</h2>")
     else:
         parts.append(f"<h2>Images: {len(shown)} of {others} measured (no CTR: heart-only model or none "
                      f"measured)</h2>")
     parts.append("<p class='muted legend'>Boxes:<span style='background:#ff0000'></span>heart"
                  "<span style='background:#005aff'></span>thorax; lines: heart and thoracic widths; "
-                 "CTR = heart width / thoracic width. Flagged studies have a red frame.</p>")
+                 "CTR = heart width / thoracic width. Enlarged studies have a red frame.</p>")
     parts.append(f"<div class='thumbs'>{''.join(figures) or '<p>No measured images.</p>'}</div>")
-    parts.append(_studies_table(ordered, rows, anchors))
+    parts.append(_studies_table(summary["studies"]["review_only"] + ordered, rows, {**queue_anchors, **anchors}))
     parts.append(_not_measured(summary))
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -257,10 +313,13 @@ def _cards(summary: dict) -> str:
     share = f" ({100 * c['enlarged_fraction']:.0f}%)" if c["n"] else ""
     cards = [
         ("files", f"{files['total']}", f"ok {status['ok']} · skipped {status['skipped']} · error {status['error']}"),
-        ("studies measured", f"{studies['n']}", f"{studies['ctr']['enlarged']} with CTR &gt; {t:.2f}"),
+        ("studies measured", f"{studies['n']}", f"{studies['ctr']['enlarged']} with CTR &gt; {t:.2f}"
+         + (f"; {len(studies['review_only'])} more only by images flagged for review"
+            if studies["review_only"] else "")),
         ("CTR median (IQR)", _fmt(c.get("median")), f"{_fmt(c.get('q1'))}–{_fmt(c.get('q3'))}; "
                                                     f"mean {_fmt(c.get('mean'))}"),
-        (f"images CTR &gt; {t:.2f}", f"{c['enlarged']}", f"of {c['n']} measured" + share),
+        (f"images CTR &gt; {t:.2f}", f"{c['enlarged']}", f"of {c['n']} measured" + share
+         + (f"; {summary['review']['n']} flagged for review, not counted" if summary["review"]["n"] else "")),
     ]
     return "<div class='cards'>" + "".join(
         f"<div class='card'><span class='muted'>{label}</span><b>{value}</b><span class='muted'>{sub}</span></div>"
@@ -278,22 +337,32 @@ def _histogram_table(summary: dict) -> str:
 
 def _views(summary: dict) -> str:
     rows = "".join(f"<tr><td>{_e(view)}</td><td class='num'>{d['n']}</td><td class='num'>{_fmt(d.get('median'))}</td>"
-                   f"<td class='num'>{d['enlarged']}</td></tr>" for view, d in summary["by_view"].items())
+                   f"<td class='num'>{d['enlarged']}</td><td class='num'>{d.get('review', 0)}</td></tr>"
+                   for view, d in summary["by_view"].items())
     if not rows:
         return ""
     return ("<h2>By view position</h2><p class='muted'>AP views magnify the heart: read their CTR against that.</p>"
             f"<table><tr><th>view</th><th>images</th><th>median CTR</th>"
-            f"<th>CTR &gt; {summary['threshold']:.2f}</th></tr>{rows}</table>")
+            f"<th>CTR &gt; {summary['threshold']:.2f}</th><th>flagged for review</th></tr>{rows}</table>")
 
 
 def _studies_table(ordered: list[dict], rows: dict, anchors: dict) -> str:
+    """Studies measured only by flagged images come first (row class 'review'); the review
+    column counts each study's flagged images."""
     body = []
     for s in ordered:
         row = rows[s["path"]]
         ctr = s.get("ctr")
         link = f"<a href='#{anchors[s['path']]}'>image</a>" if s["path"] in anchors else ""
+        only = "review_reason" in s  # an entry of review_only: no unflagged measurement
+        n = s.get("review", 0)
+        review = (f"<b class=flag>to check</b>: {_e(s['review_reason'] or 'flagged')}" if only
+                  else f"{n} flagged" if n else "–")
+        score = _number(row.get("chest_score"))
         body.append(
-            f"<tr class='{'enlarged' if s['enlarged'] else ''}'>"
+            f"<tr class='{'review' if only else 'enlarged' if s['enlarged'] else ''}'>"
+            f"<td data-v='{2 if only else 1 if n else 0}'>{review}</td>"
+            f"<td class='num' data-v='{'' if score is None else score}'>{_fmt(score)}</td>"
             f"<td data-v='{0 if s['enlarged'] else 1}'>{'<b class=flag>yes</b>' if s['enlarged'] else 'no'}</td>"
             f"<td class='num' data-v='{'' if ctr is None else ctr}'>{_fmt(ctr)}</td>"
             f"<td>{_e(s.get('view_position') or '–')}</td><td>{_e(s.get('study_date') or '')}</td>"
@@ -302,7 +371,8 @@ def _studies_table(ordered: list[dict], rows: dict, anchors: dict) -> str:
             f"<td class='num'>{s.get('images', 1)}</td>"
             f"<td>{_e(s.get('study_instance_uid') or '')}</td><td>{_e(s['path'])}</td><td>{link}</td></tr>")
     return (f"<h2>Studies ({len(ordered)}) — click a column to sort</h2>"
-            "<table class='sortable' id='studies'><thead><tr><th>enlarged</th><th>CTR</th><th>view</th>"
+            "<table class='sortable' id='studies'><thead><tr><th>review</th><th>chest score</th>"
+            "<th>enlarged</th><th>CTR</th><th>view</th>"
             "<th>date</th><th>heart mm</th><th>thorax mm</th><th>images</th><th>study UID</th><th>file</th>"
             f"<th></th></tr></thead><tbody>{''.join(body)}</tbody></table>")
 
@@ -317,9 +387,10 @@ def _not_measured(summary: dict) -> str:
             f"<th>files</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
-def write_html(report: Path, out: Path, threshold: float | None = None, sample: int = SAMPLE) -> Path:
+def write_html(report: Path, out: Path, threshold: float | None = None, sample: int = SAMPLE,
+               queue_limit: int = QUEUE) -> Path:
     """Render ``report`` to ``out`` (written atomically) and return ``out``."""
-    text = build(report, threshold, sample)
+    text = build(report, threshold, sample, queue_limit)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

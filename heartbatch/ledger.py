@@ -14,7 +14,9 @@ ledger is the source of truth; the CSV is its readable copy:
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
 import os
 import sqlite3
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = "1"
+STALE = "stale: written by an earlier heartbatch"  # a settings value no run has: the file is re-measured
 
 
 class LedgerError(Exception):
@@ -43,6 +46,13 @@ class Fingerprint:
         except OSError:
             return cls(-1, -1)
         return cls(st.st_size, st.st_mtime_ns)
+
+
+def _upgradable(old: list[str], new: list[str]) -> bool:
+    """``new`` is ``old`` with report columns added (in place, order kept), nothing removed."""
+    from .report import COLUMNS
+
+    return [c for c in new if c in old] == old and all(c in COLUMNS for c in new if c not in old)
 
 
 def state_dir_for(report: Path) -> Path:
@@ -78,15 +88,43 @@ class Ledger:
 
     # -- settings -----------------------------------------------------------
     def bind(self, columns: list[str]) -> None:
-        """Refuse a report whose column set differs from the one it was started with."""
+        """Bind the ledger to the report's columns.
+
+        A report started by an earlier heartbatch (its columns these, less some report
+        columns added since) is upgraded in place rather than refused: its rows get empty
+        cells in the new columns and are marked stale, so the next run re-measures every
+        file it reaches (the new columns need the new measurement) and rows of files it
+        does not reach are kept, never lost.  Any other difference (--include-patient-id
+        changed, or a newer heartbatch wrote it) is refused.
+        """
         stored = self._meta("columns")
         wanted = json.dumps(columns)
         if stored is None:
             self._set_meta("schema", SCHEMA_VERSION)
             self._set_meta("columns", wanted)
         elif stored != wanted:
-            raise LedgerError("this report was started with a different column set (--include-patient-id "
-                              "differs); use the same options, another --out, or --force to start over")
+            old = json.loads(stored)
+            if not _upgradable(old, columns):
+                raise LedgerError("this report was started with a different column set (--include-patient-id "
+                                  "differs, or a newer heartbatch wrote it); use the same options and version, "
+                                  "another --out, or --force to start over")
+            self._upgrade(old, columns, wanted)
+
+    def _upgrade(self, old: list[str], columns: list[str], wanted: str) -> None:
+        """Rewrite every row in the new columns (new cells empty) and mark it stale, in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for path, row in db.execute("SELECT path, row FROM files").fetchall():
+                cells = dict(zip(old, next(csv.reader(io.StringIO(row)), [])))
+                out = io.StringIO()
+                csv.writer(out, lineterminator="\n").writerow([cells.get(c, "") for c in columns])
+                db.execute("UPDATE files SET row=?, settings=? WHERE path=?", (out.getvalue(), STALE, path))
+            self._set_meta("columns", wanted)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -1,4 +1,5 @@
-"""Drawing the measurement on the image: heart box (red), thorax box (blue), widths, CTR.
+"""Drawing the measurement on the image: heart box (red), thorax box (blue), widths, CTR
+(± its uncertainty), the content check's chest score and the review flag.
 
 The display image comes from the same pixel pipeline as the model input
 (:func:`heartbatch.dicom.read_dicom`, then :func:`heartbatch.pixels.display`,
@@ -38,11 +39,16 @@ class Marks:
     heart_width_mm: float | None = None
     thoracic_width_mm: float | None = None
     enlarged: bool | None = None
+    chest_score: float | None = None
+    uncertainty: float | None = None   # one standard deviation of the CTR
+    review: bool | None = None
+    review_reason: str = ""
 
     @classmethod
     def from_record(cls, record: Record) -> "Marks":
         return cls(record.heart, record.thorax, record.ctr, record.heart_width_mm,
-                   record.thoracic_width_mm, record.enlarged)
+                   record.thoracic_width_mm, record.enlarged, record.chest_score, record.uncertainty,
+                   record.review, record.review_reason)
 
     @classmethod
     def from_row(cls, row: Mapping[str, str], threshold: float | None = None) -> "Marks":
@@ -65,7 +71,9 @@ class Marks:
         else:
             enlarged = {"true": True, "false": False}.get(str(row.get("enlarged", "")).lower())
         return cls(box("heart"), box("thorax"), ctr, number("heart_width_mm"), number("thoracic_width_mm"),
-                   enlarged)
+                   enlarged, number("chest_score"), number("uncertainty"),
+                   {"true": True, "false": False}.get(str(row.get("review", "")).lower()),
+                   str(row.get("review_reason") or ""))
 
 
 def load_display(path: str | Path, max_side: int) -> tuple[int, int, np.ndarray]:
@@ -106,12 +114,13 @@ def _hline(draw: ImageDraw.ImageDraw, x0: int, x1: int, y: int, color, width: in
         draw.line([(x, y - tick), (x, y + tick)], fill=color, width=width)
 
 
-def _label(draw: ImageDraw.ImageDraw, xy, text: str, color, font, anchor: str = "la") -> None:
-    """Text on a dark box, readable on any part of a radiograph."""
+def _label(draw: ImageDraw.ImageDraw, xy, text: str, color, font, anchor: str = "la") -> int:
+    """Text on a dark box, readable on any part of a radiograph; returns the box's bottom edge."""
     x0, y0, x1, y1 = draw.textbbox(xy, text, font=font, anchor=anchor)
     pad = max(2, (y1 - y0) // 5)
     draw.rectangle([x0 - pad, y0 - pad, x1 + pad, y1 + pad], fill=(0, 0, 0))
     draw.text(xy, text, fill=color, font=font, anchor=anchor)
+    return y1 + pad
 
 
 def _length(pixels: float, mm: float | None) -> str:
@@ -147,9 +156,16 @@ def draw_marks(image: Image.Image, rows: int, columns: int, marks: Marks, note: 
         if labels:
             text = "thorax " + _length(marks.thorax[2] - marks.thorax[0], marks.thoracic_width_mm)
             _label(draw, ((tx0 + tx1) / 2, y + 4 * line), text, THORAX_TEXT, small, "ma")
+    y = line * 3
     if marks.ctr is not None:
-        text = f"CTR {marks.ctr:.3f}" + (" enlarged" if marks.enlarged else "")
-        _label(draw, (line * 3, line * 3), text, FLAG if marks.enlarged else TEXT, font)
+        sd = f" ± {marks.uncertainty:.3f}" if marks.uncertainty is not None else ""
+        text = f"CTR {marks.ctr:.3f}{sd}" + (" enlarged" if marks.enlarged else "")
+        y = _label(draw, (line * 3, y), text, FLAG if marks.enlarged else TEXT, font) + line * 2
+    if marks.chest_score is not None and labels:
+        y = _label(draw, (line * 3, y), f"chest score {marks.chest_score:.2f}", TEXT, small) + line * 2
+    if marks.review:  # drawn at any size: the one thing a reader must not miss
+        reason = marks.review_reason[:80] or "check this measurement"
+        _label(draw, (line * 3, y), f"REVIEW: {reason}", FLAG, small)
     if note:
         _label(draw, (line * 3, h - line * 3), note, TEXT, small, "ld")
     return image

@@ -18,6 +18,7 @@ COLUMNS = [
     "study_date", "modality", "view_position", "rows", "columns", "pixel_spacing_mm",
     "heart_x0", "heart_y0", "heart_x1", "heart_y1", "thorax_x0", "thorax_y0", "thorax_x1", "thorax_y1",
     "ctr", "heart_width_mm", "thoracic_width_mm", "enlarged", "model_id",
+    "chest_score", "uncertainty", "review", "review_reason",
 ]
 PATIENT_COLUMNS = ["patient_id", "accession_number"]
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -53,6 +54,8 @@ def to_row(record: Record, include_patient_id: bool = False) -> list[str]:
     row += [_num(v, 3) for v in (record.thorax or (None,) * 4)]
     row += [_num(record.ctr, 4), _num(record.heart_width_mm, 2), _num(record.thoracic_width_mm, 2),
             "" if record.enlarged is None else str(record.enlarged).lower(), record.model_id]
+    row += [_num(record.chest_score, 3), _num(record.uncertainty, 4),
+            str(bool(record.review)).lower() if record.ok else "", safe_text(record.review_reason)]
     if include_patient_id:
         row += [safe_text(h.patient_id if h else ""), safe_text(h.accession_number if h else "")]
     return row

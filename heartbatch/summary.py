@@ -2,6 +2,10 @@
 
 Everything is derived from the CSV alone, so the summaries always agree with
 the report (also after a resumed or crashed run) and can be regenerated.
+
+CTR statistics count only ``ok`` rows not flagged for review (``review`` is
+``true``): a measurement a person should check first must not move the
+numbers; the flagged rows are counted beside them, never silently dropped.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -71,17 +76,40 @@ def _ctr(row: dict[str, str]) -> float:
         return math.nan
 
 
-def per_study(ok: list[dict[str, str]], threshold: float) -> list[dict]:
-    """One entry per study: the frontal image's CTR, PA preferred over AP."""
+def flagged(row: dict[str, str]) -> bool:
+    """An ok row a person should check (a report from before the column has none)."""
+    return row.get("review") == "true"
+
+
+def review_reasons(rows: list[dict[str, str]]) -> dict[str, int]:
+    """Count of each review reason, most frequent first.  A cell may join several reasons
+    with "; " (each counted) and give per-row numbers in parentheses, which are dropped so
+    that like reasons add up instead of listing one line per image."""
+    counts: Counter = Counter()
+    for row in rows:
+        for part in (row.get("review_reason") or "unspecified").split(";"):
+            counts[re.sub(r"\s*\([^()]*\d[^()]*\)", "", part).strip() or "unspecified"] += 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def per_study(ok: list[dict[str, str]], threshold: float) -> tuple[list[dict], list[dict]]:
+    """``(studies, review_only)``: one entry per study with a measured CTR.
+
+    The frontal image (PA preferred over AP) is chosen among the images not flagged for
+    review; ``review`` counts the study's flagged images.  A study measured only by
+    flagged images goes to ``review_only`` instead (its image chosen the same way among
+    them, with its reason), so it is listed for a person but not in the CTR statistics.
+    """
     groups: dict[str, list[dict[str, str]]] = {}
     for row in ok:
         if math.isfinite(_ctr(row)):
             groups.setdefault(row["study_instance_uid"] or "path:" + row["path"], []).append(row)
-    studies = []
+    studies, review_only = [], []
     for key in sorted(groups):
         group = sorted(groups[key], key=lambda r: (VIEW_ORDER.get(r["view_position"], 2), r["path"]))
-        best = group[0]
-        studies.append({
+        unflagged = [r for r in group if not flagged(r)]
+        best = (unflagged or group)[0]
+        item = {
             "study_instance_uid": best["study_instance_uid"],
             "study_date": best["study_date"],
             "path": best["path"],
@@ -89,17 +117,25 @@ def per_study(ok: list[dict[str, str]], threshold: float) -> list[dict]:
             "ctr": _float(_ctr(best)),
             "enlarged": bool(_ctr(best) > threshold),
             "images": len(group),
-        })
-    return studies
+            "review": len(group) - len(unflagged),
+        }
+        if unflagged:
+            studies.append(item)
+        else:
+            review_only.append({**item, "review_reason": best.get("review_reason", "")})
+    return studies, review_only
 
 
 def summarize(report: Path, threshold: float = 0.5) -> dict:
     rows = read_report(report)
     ok = [r for r in rows if r["status"] == "ok"]
+    measured = [r for r in ok if not flagged(r)]
+    review = [r for r in ok if flagged(r)]
     reasons = Counter((r["status"], r["reason"]) for r in rows if r["status"] != "ok")
-    ctr = np.array([_ctr(r) for r in ok], dtype=np.float64)
-    views = np.array([r["view_position"] or "unknown" for r in ok], dtype=object)
-    studies = per_study(ok, threshold)
+    ctr = np.array([_ctr(r) for r in measured], dtype=np.float64)
+    views = np.array([r["view_position"] or "unknown" for r in measured], dtype=object)
+    review_views = Counter(r["view_position"] or "unknown" for r in review)
+    studies, review_only = per_study(ok, threshold)
     study_ctr = np.array([s["ctr"] for s in studies], dtype=np.float64)
     statuses = Counter(r["status"] for r in rows)
     return {
@@ -114,9 +150,11 @@ def summarize(report: Path, threshold: float = 0.5) -> dict:
         },
         "model_ids": sorted({r["model_id"] for r in rows if r["model_id"]}),
         "ctr": distribution(ctr, threshold),
-        "by_view": {view: distribution(ctr[views == view], threshold)
-                    for view in sorted(set(views), key=lambda v: (VIEW_ORDER.get(v, 2), v))},
-        "studies": {"n": len(studies), "ctr": distribution(study_ctr, threshold), "items": studies},
+        "review": {"n": len(review), "reasons": review_reasons(review)},
+        "by_view": {view: {**distribution(ctr[views == view], threshold), "review": review_views[view]}
+                    for view in sorted(set(views) | set(review_views), key=lambda v: (VIEW_ORDER.get(v, 2), v))},
+        "studies": {"n": len(studies), "ctr": distribution(study_ctr, threshold), "items": studies,
+                    "review_only": review_only},
     }
 
 
@@ -131,18 +169,25 @@ def to_markdown(summary: dict) -> str:
         f"# heartbatch summary: {summary['report']}", "",
         f"Files: {files['total']} — ok {files['by_status']['ok']}, skipped {files['by_status']['skipped']}, "
         f"error {files['by_status']['error']}. Model: {', '.join(summary['model_ids']) or '–'}.", "",
-        "## Cardiothoracic ratio (all measured images)", "",
+        "## Cardiothoracic ratio (measured images not flagged for review)", "",
         "| n | mean | median | IQR (q1–q3) | min | max | CTR > %.2f |" % t,
         "|---|---|---|---|---|---|---|",
         f"| {c['n']} | {_fmt(c.get('mean'))} | {_fmt(c.get('median'))} | {_fmt(c.get('iqr'))} "
         f"({_fmt(c.get('q1'))}–{_fmt(c.get('q3'))}) | {_fmt(c.get('min'))} | {_fmt(c.get('max'))} "
         f"| {c['enlarged']} |", "",
+    ]
+    review = summary["review"]
+    lines += [f"{review['n']} measurements flagged for review (not in the CTR statistics).", ""]
+    if review["reasons"]:
+        lines += ["| review reason | images |", "|---|---|"]
+        lines += [f"| {reason.replace('|', '/')} | {n} |" for reason, n in review["reasons"].items()] + [""]
+    lines += [
         "## By view position", "",
         "AP views magnify the heart: read their CTR against that.", "",
-        "| view | n | median | CTR > %.2f |" % t, "|---|---|---|---|",
+        "| view | n | median | CTR > %.2f | flagged for review |" % t, "|---|---|---|---|---|",
     ]
     for view, d in summary["by_view"].items():
-        lines.append(f"| {view} | {d['n']} | {_fmt(d.get('median'))} | {d['enlarged']} |")
+        lines.append(f"| {view} | {d['n']} | {_fmt(d.get('median'))} | {d['enlarged']} | {d['review']} |")
     hist = c.get("histogram")
     if hist:
         lines += ["", "## CTR histogram", "", "| CTR | count |", "|---|---|"]
@@ -154,11 +199,20 @@ def to_markdown(summary: dict) -> str:
         lines += [f"| {r['status']} | {r['reason'].replace('|', '/')} | {r['count']} |" for r in files["by_reason"]]
     studies = summary["studies"]
     lines += ["", f"## Studies ({studies['n']}; {studies['ctr']['enlarged']} with CTR > {t:.2f})", "",
-              "| study | date | view | CTR | enlarged | images |", "|---|---|---|---|---|---|"]
+              "| study | date | view | CTR | enlarged | images | flagged for review |",
+              "|---|---|---|---|---|---|---|"]
     for s in sorted(studies["items"], key=lambda s: (not s["enlarged"], -(s["ctr"] or 0))):
         name = s["study_instance_uid"] or s["path"]
         lines.append(f"| {name} | {s['study_date']} | {s['view_position'] or '–'} | {_fmt(s['ctr'])} "
-                     f"| {'yes' if s['enlarged'] else 'no'} | {s['images']} |")
+                     f"| {'yes' if s['enlarged'] else 'no'} | {s['images']} | {s['review']} |")
+    if studies["review_only"]:
+        lines += ["", f"## Studies measured only by images flagged for review ({len(studies['review_only'])}; "
+                  "not in the statistics above)", "",
+                  "| study | date | view | CTR (to check) | images | review reason |", "|---|---|---|---|---|---|"]
+        for s in studies["review_only"]:
+            lines.append(f"| {s['study_instance_uid'] or s['path']} | {s['study_date']} | "
+                         f"{s['view_position'] or '–'} | {_fmt(s['ctr'])} | {s['images']} "
+                         f"| {s['review_reason'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,8 @@ except ImportError:  # fail loudly: a suite that silently skips would pass on a 
 
 SIZE = 256
 TEXT_COLUMNS = {"path", "status", "reason", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
-                "study_date", "modality", "view_position", "enlarged", "model_id", "rows", "columns"}
+                "study_date", "modality", "view_position", "enlarged", "model_id", "rows", "columns",
+                "review", "review_reason"}
 
 
 # --- helpers -----------------------------------------------------------------------

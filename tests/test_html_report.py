@@ -10,6 +10,7 @@ be blank.  Chromium is required: without it these tests fail, they do not skip.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
@@ -210,3 +211,82 @@ def test_quiet_run_names_the_html_file(intensity_model, tmp_path, capsys, siim_d
                      "--quiet", "--html", str(tmp_path / "r.html")]) == 0
     line = json.loads(capsys.readouterr().out)
     assert line["html"] == str(tmp_path / "r.html") and (tmp_path / "r.html").is_file()
+
+
+CONTENT_SKIP = "not a frontal chest radiograph by its content (score 0.04)"
+
+
+@pytest.fixture(scope="module")
+def reviewed(ran, data_dir):
+    """The run's report with one measurement flagged for review and one film the content check
+    refused (a real chest film turned on its side), as the content check and review rules write them."""
+    from heartbatch.report import COLUMNS
+
+    root, report, page = ran
+    rows = read_report(report)
+    ok = [r for r in rows if r["status"] == "ok"]
+    for row in ok:
+        row.update(chest_score="0.970", uncertainty="0.0080", review="false", review_reason="")
+    flagged = next(r for r in ok if r["path"].endswith("ap.dcm"))
+    flagged.update(chest_score="0.610", uncertainty="0.0410", review="true",
+                   review_reason="low confidence (CTR ± 0.041)")
+    out = root / "reviewed" / "report.csv"
+    out.parent.mkdir()
+    turned = write_dicom(out.parent / "turned.dcm", np.rot90(shared_png(data_dir, 9)).copy())
+    rows.append({**{c: "" for c in COLUMNS}, "path": str(turned), "status": "skipped", "reason": CONTENT_SKIP,
+                 "chest_score": "0.040"})
+    with open(out, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out, flagged["path"], str(turned)
+
+
+def test_review_queue_comes_first_flagged_rows_then_content_refusals(reviewed, tmp_path):
+    report, flagged, turned = reviewed
+    page = tmp_path / "review.html"
+    assert cli.main(["report", str(report), "--html", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    queue = text.index("id='review'")
+    assert queue < text.index("class='cards'") < text.index("id='studies'"), "the review queue is the first section"
+    assert "1 measurements flagged for review, 1 films refused by the content check" in text
+    section = text[queue:text.index("class='top'")]
+    figures = re.findall(r"<figure class='review' id='rq\d+'>(.*?)</figure>", section)
+    assert len(figures) == 2
+    first, second = figures
+    assert f"alt='{html.escape(flagged, quote=True)}'" in first, "the flagged measurement first, with its picture"
+    assert "CTR " in first and "± 0.041" in first and "chest score 0.610" in first
+    assert "low confidence (CTR ± 0.041)" in first
+    assert f"alt='{html.escape(turned, quote=True)}'" in second and CONTENT_SKIP in second
+    assert "chest score 0.040" in second and "not measured" in second
+    thumbs = _thumbnails(section)
+    assert np.asarray(thumbs[turned]).std() > 20, "the refused film is shown"
+    # the studies table: its review and chest score columns; the study measured only by the flagged image first
+    table = text[text.index("id='studies'"):]
+    assert "<th>review</th><th>chest score</th>" in table
+    first_row = re.search(r"<tr class='([^']*)'>(.*?)</tr>", table)
+    assert first_row.group(1) == "review" and html.escape(flagged, quote=True) in first_row.group(2)
+    assert "to check" in first_row.group(2) and "0.610" in first_row.group(2)
+    assert len(re.findall(r"<tr class='(enlarged|)'>", table)) == 3, "the other studies follow"
+
+
+def test_review_queue_is_limited_with_a_count_of_the_rest(reviewed, tmp_path):
+    from heartbatch.html_report import write_html
+
+    report, flagged, turned = reviewed
+    text = write_html(report, tmp_path / "short.html", queue_limit=1).read_text(encoding="utf-8")
+    assert len(re.findall(r"<figure class='review'", text)) == 1
+    assert "… and 1 more" in text
+
+
+@pytest.mark.slow  # starts Chromium
+def test_review_queue_renders_first_in_headless_chromium(reviewed, tmp_path):
+    report, flagged, turned = reviewed
+    page = tmp_path / "review.html"
+    assert cli.main(["report", str(report), "--html", str(page)]) == 0
+    dom = browse(page, tmp_path, "--dump-dom").stdout
+    decoded = re.search(r'data-images-decoded="(\d+)/(\d+)"', dom)
+    assert decoded and decoded.group(1) == decoded.group(2), "Chromium could not decode every image"
+    first = re.search(r"<figure\b[^>]*>.*?<img\b[^>]*\balt=\"([^\"]*)\"", dom, re.S)
+    assert first and html.unescape(first.group(1)) == flagged, "the page opens on the flagged measurement"
+    assert dom.index('id="review"') < dom.index('class="cards"')

@@ -143,3 +143,80 @@ def test_report_and_explain_run_without_torch(siim_dicom, intensity_model, tmp_p
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "r.html").stat().st_size > 10_000 and (tmp_path / "e.png").is_file()
+
+
+# --- chest score, uncertainty and the review flag --------------------------------------
+
+def _orange(img: np.ndarray) -> np.ndarray:
+    """Pixels of the flag colour (anti-aliased text included)."""
+    img = img.astype(np.int32)
+    return (img[..., 0] > 200) & (img[..., 1] > 110) & (img[..., 1] < 220) & (img[..., 2] < 80)
+
+
+def _labels(marks, side: int = 600) -> np.ndarray:
+    """``marks`` drawn on a plain grey image: the black pixels are the label backgrounds."""
+    from heartbatch.overlay import draw_marks
+
+    image = Image.new("RGB", (side, side), (128, 128, 128))
+    return np.asarray(draw_marks(image, 1000, 1000, marks))
+
+
+def test_draw_marks_adds_uncertainty_chest_score_and_review():
+    from dataclasses import replace
+
+    from heartbatch.overlay import Marks
+
+    base = Marks((400, 400, 600, 700), (100, 150, 900, 850), ctr=0.25)
+    black = lambda img: (img == 0).all(axis=2)  # noqa: E731
+    plain = _labels(base)
+    xs = np.nonzero(black(plain)[:40].any(axis=0))[0]
+    wider = np.nonzero(black(_labels(replace(base, uncertainty=0.0312)))[:40].any(axis=0))[0]
+    assert wider.max() > xs.max() + 20, "the CTR label grows by ' ± 0.031'"
+    corner = lambda img: np.nonzero(black(img)[:150, :60].any(axis=1))[0].max()  # noqa: E731 - lowest label row
+    assert corner(_labels(replace(base, chest_score=0.97))) > corner(plain) + 10, "a chest score line under the CTR"
+    assert not _orange(plain).any()
+    flagged = _labels(replace(base, review=True, review_reason="mirrored film"))
+    assert _orange(flagged)[:120].sum() > 30, "the review flag, in the flag colour, near the CTR"
+    assert not _orange(_labels(replace(base, review=False, review_reason=""))).any()
+
+
+def test_marks_from_a_report_row_read_the_review_columns():
+    from heartbatch.overlay import Marks
+
+    row = {"ctr": "0.5100", "chest_score": "0.420", "uncertainty": "0.0312", "review": "true",
+           "review_reason": "low confidence"}
+    marks = Marks.from_row(row)
+    assert (marks.chest_score, marks.uncertainty, marks.review, marks.review_reason) == \
+        (0.42, 0.0312, True, "low confidence")
+    empty = Marks.from_row({"ctr": "0.5"})  # a report from before the columns
+    assert (empty.chest_score, empty.uncertainty, empty.review, empty.review_reason) == (None, None, None, "")
+
+
+def test_show_prints_and_draws_the_review(siim_dicom, intensity_model, tmp_path, capsys, monkeypatch):
+    """What the content check and review rules put on the record is printed and drawn."""
+    import heartbatch.records as records
+
+    measure = records.measure
+
+    def reviewed(*args, **kwargs):
+        record = measure(*args, **kwargs)
+        record.chest_score, record.uncertainty = 0.4217, 0.03124
+        record.review, record.review_reason = True, "low confidence [CTR ± 0.031]"
+        return record
+
+    common = ["--model", str(intensity_model), "--size", "600"]
+    assert cli.main(["show", str(siim_dicom), "--out", str(tmp_path / "plain.png"), *common]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert (plain["chest_score"], plain["uncertainty"], plain["review"], plain["review_reason"]) == \
+        (None, None, False, ""), "a model without the optional outputs"
+    monkeypatch.setattr(records, "measure", reviewed)
+    assert cli.main(["show", str(siim_dicom), "--out", str(tmp_path / "review.png"), *common]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert (printed["chest_score"], printed["uncertainty"], printed["review"]) == (0.422, 0.0312, True)
+    assert printed["review_reason"] == "low confidence [CTR ± 0.031]"
+    assert "review: low confidence [CTR ± 0.031]" in captured.err, "told to the person at the terminal"
+    a = np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))
+    b = np.asarray(Image.open(tmp_path / "review.png").convert("RGB"))
+    assert _orange(b).sum() > _orange(a).sum() + 30, "the review flag is drawn"
+    assert _bbox(b, HEART) == _bbox(a, HEART), "the boxes are unchanged"

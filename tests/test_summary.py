@@ -262,3 +262,100 @@ def test_markdown_summary_mentions_the_counts(run):
     assert "AP" in text and "PA" in text
     for reason in set(frame.loc[frame["status"] != "ok", "reason"]):
         assert reason.replace("|", "/") in text
+
+
+# --- measurements flagged for review --------------------------------------------------
+
+#: ok rows a person should check, with their reasons: s1_pa leaves study 1 to its AP image,
+#: s2_ap and s7_pa are their studies' only measurements.
+FLAGS = {
+    "s1_pa.dcm": "low confidence (CTR ± 0.031)",
+    "s2_ap.dcm": "implausible boxes: heart wider than thorax",
+    "s7_pa.dcm": "mirrored film; low confidence (CTR ± 0.052)",
+}
+#: per reason, numbers in parentheses dropped and joined reasons counted each
+FLAG_REASONS = {"low confidence": 2, "implausible boxes: heart wider than thorax": 1, "mirrored film": 1}
+
+
+@pytest.fixture(scope="module")
+def reviewed(run, tmp_path_factory):
+    """The run's report with three ok rows flagged for review (and scores on every ok row)."""
+    from heartbatch.summary import write_summaries
+
+    frame = run["frame"].copy()
+    names = frame["path"].map(lambda p: Path(p).name)
+    ok = frame["status"] == "ok"
+    frame.loc[ok, "chest_score"] = "0.970"
+    frame.loc[ok, "uncertainty"] = "0.0100"
+    frame.loc[ok, "review"] = "false"
+    for name, reason in FLAGS.items():
+        frame.loc[names == name, ["review", "review_reason"]] = ["true", reason]
+    assert (frame["review"] == "true").sum() == len(FLAGS) and (frame.loc[~ok, "review"] == "").all()
+    out = tmp_path_factory.mktemp("reviewed") / "report.csv"
+    frame.to_csv(out, index=False)
+    _, _, summary = write_summaries(out, run["threshold"])
+    return {**run, "frame": frame, "summary": summary, "out": out,
+            "unflagged": frame[frame["review"] != "true"], "flagged": frame[frame["review"] == "true"]}
+
+
+def test_nothing_flagged_nothing_counted(run):
+    summary = run["summary"]
+    assert summary["review"] == {"n": 0, "reasons": {}}
+    assert all(d["review"] == 0 for d in summary["by_view"].values())
+    assert summary["studies"]["review_only"] == [] and all(s["review"] == 0 for s in summary["studies"]["items"])
+
+
+def test_flagged_rows_are_counted_not_in_the_statistics(reviewed):
+    summary, threshold = reviewed["summary"], reviewed["threshold"]
+    assert_distribution(summary["ctr"], ctr_values(reviewed["unflagged"]), threshold, "ctr")
+    assert summary["review"]["n"] == len(reviewed["flagged"]) == len(FLAGS)
+    assert summary["review"]["reasons"] == FLAG_REASONS
+    assert summary["ctr"]["n"] + summary["review"]["n"] == int((reviewed["frame"]["status"] == "ok").sum())
+
+
+def test_files_counts_stay_complete(reviewed):
+    frame, files = reviewed["frame"], reviewed["summary"]["files"]
+    assert files["total"] == len(frame)
+    assert files["by_status"] == {s: int((frame["status"] == s).sum()) for s in ("ok", "skipped", "error")}
+
+
+def test_flagged_rows_by_view(reviewed):
+    by_view, threshold = reviewed["summary"]["by_view"], reviewed["threshold"]
+    unflagged = reviewed["unflagged"][reviewed["unflagged"]["status"] == "ok"]
+    flagged = reviewed["flagged"]
+    for view, key in (("PA", "PA"), ("AP", "AP"), ("", next(k for k in by_view if k not in ("PA", "AP")))):
+        values = unflagged.loc[unflagged["view_position"] == view, "ctr"].astype(float).to_numpy()
+        assert_distribution(by_view[key], values, threshold, key)
+        assert by_view[key]["review"] == int((flagged["view_position"] == view).sum()), key
+    assert sum(d["review"] for d in by_view.values()) == len(FLAGS)
+
+
+def test_per_study_chooses_among_unflagged_and_lists_review_only_studies(reviewed):
+    studies, frame = reviewed["summary"]["studies"], reviewed["frame"]
+    expected = expected_studies(reviewed["unflagged"])
+    ok = frame[(frame["status"] == "ok") & (frame["ctr"] != "")]
+    items = {item["study_instance_uid"]: item for item in studies["items"]}
+    assert set(items) == set(expected) and studies["n"] == len(expected) == 7
+    for uid, exp in expected.items():
+        group = ok[ok["study_instance_uid"] == uid]
+        assert (items[uid]["path"], items[uid]["ctr"]) == (exp["path"], pytest.approx(exp["ctr"], abs=2e-6)), uid
+        assert items[uid]["images"] == len(group), "images counts every measured image"
+        assert items[uid]["review"] == int((group["review"] == "true").sum()), uid
+    assert Path(items[UID + "1"]["path"]).name == "s1_ap.dcm", "the flagged PA is not chosen"
+    assert items[UID + "1"]["review"] == 1
+    only = {s["study_instance_uid"]: s for s in studies["review_only"]}
+    assert set(only) == {UID + "2", UID + "7"}, "studies measured only by flagged images"
+    for uid, name in ((UID + "2", "s2_ap.dcm"), (UID + "7", "s7_pa.dcm")):
+        assert Path(only[uid]["path"]).name == name and only[uid]["review_reason"] == FLAGS[name]
+        assert only[uid]["review"] == only[uid]["images"] == 1
+    chosen = np.array([s["ctr"] for s in expected.values()])
+    assert_distribution(studies["ctr"], chosen, reviewed["threshold"], "studies")
+
+
+def test_markdown_shows_the_flagged_count_and_reasons(reviewed):
+    text = (reviewed["out"].parent / "report.summary.md").read_text(encoding="utf-8")
+    assert f"{len(FLAGS)} measurements flagged for review (not in the CTR statistics)" in text
+    for reason, count in FLAG_REASONS.items():
+        assert f"| {reason} | {count} |" in text
+    only = text[text.index("measured only by images flagged for review"):]
+    assert UID + "2" in only and UID + "7" in only and FLAGS["s2_ap.dcm"] in only
