@@ -6,16 +6,21 @@ is rejected without decoding it; :func:`decode` turns a candidate's pixel data
 into a display-oriented float image (modality LUT, VOI LUT/window,
 MONOCHROME1 inversion).  Problems are raised as :class:`Skipped` (not an
 image we measure) or :class:`ReadError` (should have worked but did not),
-each with a reason a user can act on.
+each with a reason a user can act on and a short ``code`` programs decide by.
+Header values reach the header and the reasons only through
+:mod:`heartbatch.sanitize`, and pydicom's warnings (which quote raw values)
+never reach stderr.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 import stat
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,9 @@ from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from . import sanitize
+
+_PYDICOM_LOG = logging.getLogger("pydicom")
 MAX_PIXELS = 20000 * 20000
 MIN_SIDE = 64
 
@@ -59,9 +67,13 @@ DECODER_PREFERENCE = {
 
 
 class _Problem(Exception):
-    def __init__(self, reason: str, header: "DicomHeader | None" = None):
+    """``reason`` is for people; ``code`` (e.g. "not_dicom", "truncated") is for
+    programs, so they never match reason texts."""
+
+    def __init__(self, reason: str, header: "DicomHeader | None" = None, *, code: str):
         super().__init__(reason)
         self.reason = reason
+        self.code = code
         self.header = header  # what was read before the problem, for the report row
 
 
@@ -96,6 +108,7 @@ class DicomImage:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
+    """The raw value as a string, for decisions; outputs take :func:`_value`."""
     try:
         value = ds.get(keyword, "")
     except Exception:  # a malformed element must not sink the file  # noqa: BLE001
@@ -105,6 +118,16 @@ def _text(ds: Dataset, keyword: str) -> str:
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
         value = "\\".join(str(v) for v in value)
     return str(value).strip().replace("\x00", "")
+
+
+def _value(ds: Dataset, keyword: str) -> str:
+    """The value for a report cell: valid for its VR, else empty (see heartbatch.sanitize)."""
+    return sanitize.cell(keyword, _text(ds, keyword))
+
+
+def _shown(ds: Dataset, keyword: str) -> str:
+    """The value for a reason: valid for its VR, else described."""
+    return sanitize.shown(keyword, _text(ds, keyword))
 
 
 def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
@@ -135,17 +158,17 @@ def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
 
 def _header(ds: Dataset) -> DicomHeader:
     return DicomHeader(
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
-        study_date=_text(ds, "StudyDate"),
-        modality=_text(ds, "Modality").upper(),
-        view_position=_text(ds, "ViewPosition").upper(),
+        sop_instance_uid=_value(ds, "SOPInstanceUID"),
+        study_instance_uid=_value(ds, "StudyInstanceUID"),
+        series_instance_uid=_value(ds, "SeriesInstanceUID"),
+        study_date=_value(ds, "StudyDate"),
+        modality=_value(ds, "Modality"),
+        view_position=_value(ds, "ViewPosition"),
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
         pixel_spacing_mm=pixel_spacing(ds),
-        patient_id=_text(ds, "PatientID"),
-        accession_number=_text(ds, "AccessionNumber"),
+        patient_id=sanitize.patient_cell("PatientID", _text(ds, "PatientID")),
+        accession_number=sanitize.patient_cell("AccessionNumber", _text(ds, "AccessionNumber")),
     )
 
 
@@ -160,6 +183,27 @@ def _looks_like_raw_dataset(path: Path) -> bool:
 
 
 TRUNCATION_WARNINGS = ("end of file", "delimiter", "truncat", "ended prematurely")
+TRUNCATED = "truncated file: it ends before its data does (an incomplete copy?); copy it again"
+
+
+class _Drop(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextmanager
+def _quiet():
+    """pydicom warns (and logs) with the offending value quoted, which for a corrupt
+    length is kilobytes of the file (names, IDs, pixels): none of it may reach
+    stderr or a log."""
+    drop = _Drop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _PYDICOM_LOG.addFilter(drop)
+        try:
+            yield
+        finally:
+            _PYDICOM_LOG.removeFilter(drop)
 
 
 def _read(path: Path, force: bool = False) -> Dataset:
@@ -174,9 +218,9 @@ def _read(path: Path, force: bool = False) -> Dataset:
         ds = pydicom.dcmread(path, defer_size="64 KB", force=force)
     for warning in caught:
         if any(word in str(warning.message).lower() for word in TRUNCATION_WARNINGS):
-            raise ReadError("truncated file: it ends before its data does (an incomplete copy?); copy it again")
+            raise ReadError(TRUNCATED, code="truncated")
     if len(ds) == 0:
-        raise ReadError("corrupt DICOM: no data elements could be read after the file meta")
+        raise ReadError("corrupt DICOM: no data elements could be read after the file meta", code="corrupt_header")
     meta = ds.file_meta
     if "TransferSyntaxUID" not in meta and ds.original_encoding[0] is not None:
         implicit, little = ds.original_encoding  # no file meta: decode pixels as the dataset was read
@@ -185,7 +229,8 @@ def _read(path: Path, force: bool = False) -> Dataset:
     raw = ds.get_item(0x7FE00010, keep_deferred=True)
     if (isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF
             and raw.value_tell + raw.length > Path(path).stat().st_size):
-        raise ReadError("truncated file: it ends inside its pixel data (an incomplete copy?); copy it again")
+        raise ReadError("truncated file: it ends inside its pixel data (an incomplete copy?); copy it again",
+                        code="truncated")
     return ds
 
 
@@ -194,91 +239,114 @@ def _open(path: Path) -> Dataset:
         mode = path.stat().st_mode
     except FileNotFoundError:
         if path.is_symlink():
-            raise ReadError("broken symbolic link: its target does not exist") from None
-        raise ReadError("file disappeared before it could be read") from None
+            raise ReadError("broken symbolic link: its target does not exist", code="broken_link") from None
+        raise ReadError("file disappeared before it could be read", code="disappeared") from None
     except OSError as exc:
-        raise ReadError(f"cannot stat file: {exc.strerror or exc}") from None
+        raise ReadError(f"cannot stat file: {exc.strerror or sanitize.message(exc)}", code="os_error") from None
     if not stat.S_ISREG(mode):
-        raise Skipped("not a regular file (a pipe, socket or device)")
+        raise Skipped("not a regular file (a pipe, socket or device)", code="not_regular")
     if path.stat().st_size == 0:
-        raise Skipped("empty file")
+        raise Skipped("empty file", code="empty")
     try:
         return _read(path)
     except InvalidDicomError:
         if not _looks_like_raw_dataset(path):
-            raise Skipped("not a DICOM file") from None
+            raise Skipped("not a DICOM file", code="not_dicom") from None
         try:
             return _read(path, force=True)
         except ReadError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise ReadError(f"unreadable DICOM without file meta: {_short(exc)}") from None
+            raise ReadError(f"unreadable DICOM without file meta: {sanitize.message(exc)}",
+                            code="corrupt_header") from None
     except ReadError:
         raise
     except PermissionError:
-        raise ReadError("permission denied; check the file's read permissions") from None
+        raise ReadError("permission denied; check the file's read permissions", code="permission") from None
     except FileNotFoundError:
-        raise ReadError("file disappeared before it could be read") from None
+        raise ReadError("file disappeared before it could be read", code="disappeared") from None
     except IsADirectoryError:
-        raise Skipped("a directory, not a file") from None
+        raise Skipped("a directory, not a file", code="directory") from None
     except OSError as exc:
-        raise ReadError(f"cannot read file: {exc.strerror or exc}") from None
+        raise ReadError(f"cannot read file: {exc.strerror or sanitize.message(exc)}", code="os_error") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
-        raise ReadError(f"corrupt DICOM header: {_short(exc)}") from None
+        raise ReadError(f"corrupt DICOM header: {sanitize.message(exc)}", code="corrupt_header") from None
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+def _uid_name(keyword: str, uid: str, missing: str) -> str:
+    """A UID's registered name (an unknown valid UID is itself), or what it is."""
+    valid = sanitize.value(keyword, uid)
+    if valid is None:
+        return sanitize.invalid(keyword)
+    return UID(valid).name if valid else missing
+
+
+def _named(ds: Dataset, keyword: str) -> str:
+    """An element for a reason: "SeriesDescription 'LAT'", or what it is when invalid."""
+    valid = sanitize.value(keyword, _text(ds, keyword))
+    return sanitize.invalid(keyword) if valid is None else f"{keyword} {valid!r}"
 
 
 def check_candidate(ds: Dataset, header: DicomHeader) -> None:
-    """Raise :class:`Skipped` unless this is a 2-D greyscale frontal chest radiograph."""
-    sop_class = _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID") \
-        if hasattr(ds, "file_meta") else _text(ds, "SOPClassUID")
+    """Raise :class:`Skipped` unless this is a 2-D greyscale frontal chest radiograph.
+
+    Decisions read the raw values (as before); reasons show them only through
+    heartbatch.sanitize.
+    """
+    sop_keyword = "SOPClassUID"
+    sop_class = _text(ds, sop_keyword)
+    if not sop_class and hasattr(ds, "file_meta"):
+        sop_keyword, sop_class = "MediaStorageSOPClassUID", _text(ds.file_meta, "MediaStorageSOPClassUID")
     if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
-        raise Skipped("DICOMDIR (a directory index, not an image)")
+        raise Skipped("DICOMDIR (a directory index, not an image)", code="dicomdir")
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        name = UID(sop_class).name if sop_class else "unknown SOP class"
-        raise Skipped(f"no pixel data ({name})")
-    modality = header.modality
+        raise Skipped(f"no pixel data ({_uid_name(sop_keyword, sop_class, 'unknown SOP class')})",
+                      code="no_pixels")
+    modality = _text(ds, "Modality").upper()
     is_projection = modality in PROJECTION_MODALITIES or sop_class in CR_DX_SOP_CLASSES
     is_sc = sop_class.startswith(SECONDARY_CAPTURE_PREFIX) and modality in SC_MODALITIES
     if not (is_projection or is_sc):
-        raise Skipped(f"modality {modality or 'unknown'} is not a projection radiograph (CR/DX expected)")
+        valid = sanitize.value("Modality", modality)
+        shown = f"modality {valid or 'unknown'}" if valid is not None else sanitize.invalid("Modality")
+        raise Skipped(f"{shown} is not a projection radiograph (CR/DX expected)", code="not_projection")
     body_part = _text(ds, "BodyPartExamined").upper()
     if body_part and not any(word in body_part for word in CHEST_WORDS):
-        raise Skipped(f"body part {body_part!r} is not the chest")
-    view = header.view_position
+        valid = sanitize.value("BodyPartExamined", body_part)
+        raise Skipped(f"body part {valid!r} is not the chest" if valid is not None else
+                      f"body part is not the chest ({sanitize.invalid('BodyPartExamined')})", code="not_chest")
+    view = _text(ds, "ViewPosition").upper()
     if view in LATERAL_VIEWS:
-        raise Skipped(f"lateral view (ViewPosition {view}); only frontal PA/AP views are measured")
+        raise Skipped(f"lateral view (ViewPosition {view}); only frontal PA/AP views are measured", code="lateral")
     if not view:
         for keyword in ("SeriesDescription", "ProtocolName", "StudyDescription"):
             if LATERAL_TEXT.search(_text(ds, keyword)):
-                raise Skipped(f"lateral view ({keyword} {_text(ds, keyword)!r}); only frontal views are measured")
+                raise Skipped(f"lateral view ({_named(ds, keyword)}); only frontal views are measured",
+                              code="lateral")
     frames = _int(ds, "NumberOfFrames", 1)
     if frames > 1:
-        raise Skipped(f"multi-frame image ({frames} frames); single projection images expected")
+        raise Skipped(f"multi-frame image ({frames} frames); single projection images expected", code="multi_frame")
     samples = _int(ds, "SamplesPerPixel", 1)
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise Skipped(f"colour image ({photometric or f'{samples} samples per pixel'}); greyscale expected")
+        what = _shown(ds, "PhotometricInterpretation") if photometric else f"{samples} samples per pixel"
+        raise Skipped(f"colour image ({what}); greyscale expected", code="colour")
     if header.rows < MIN_SIDE or header.columns < MIN_SIDE:
-        raise Skipped(f"image too small ({header.rows} x {header.columns} pixels)")
+        raise Skipped(f"image too small ({header.rows} x {header.columns} pixels)", code="too_small")
     if header.rows * header.columns > MAX_PIXELS:
-        raise Skipped(f"image too large ({header.rows} x {header.columns} pixels)")
+        raise Skipped(f"image too large ({header.rows} x {header.columns} pixels)", code="too_large")
 
 
 def read_header(path: str | Path) -> tuple[Dataset, DicomHeader]:
     """Parse a file (pixel data deferred) and check it is a candidate."""
     path = Path(path)
-    ds = _open(path)
-    header = _header(ds)
-    try:
-        check_candidate(ds, header)
-    except Skipped as exc:
-        exc.header = header
-        raise
+    with _quiet():
+        ds = _open(path)
+        header = _header(ds)
+        try:
+            check_candidate(ds, header)
+        except Skipped as exc:
+            exc.header = header
+            raise
     return ds, header
 
 
@@ -298,16 +366,15 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
             if "plugin" not in str(exc).lower() and "available" not in str(exc).lower():
                 break  # a real decoding failure, not a missing plugin: don't retry
     exc = errors[-1]
-    message = _short(exc)
     text = str(exc).lower()
     if "no pixel data decoders" in text or "missing required dependencies" in text \
             or "missing dependencies" in text:
-        name = UID(syntax).name if syntax else "this transfer syntax"
-        options = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+        name = _uid_name("TransferSyntaxUID", syntax, "this transfer syntax")
+        options = "; ".join(line.strip() for line in sanitize.redact(str(exc)).splitlines()[1:] if line.strip())
         raise ReadError(f"no decoder installed for {name}; install pylibjpeg-libjpeg, "
                         f"pylibjpeg-openjpeg and pylibjpeg-rle (or python-gdcm)"
-                        + (f" [{options}]" if options else "")) from None
-    raise ReadError(f"pixel data could not be decoded: {message}") from None
+                        + (f" [{sanitize.printable(options, 200)}]" if options else ""), code="no_decoder") from None
+    raise ReadError(f"pixel data could not be decoded: {sanitize.message(exc)}", code="decode_failed") from None
 
 
 def _window(ds: Dataset) -> tuple[float, float, str] | None:
@@ -428,11 +495,12 @@ def decode(ds: Dataset, min_side: int | None = None) -> np.ndarray:
     if stored is None:
         stored = _stored_pixels(ds)
     if stored.ndim != 2:
-        raise Skipped(f"pixel array has shape {stored.shape}; a single 2-D greyscale frame expected")
+        raise Skipped(f"pixel array has shape {stored.shape}; a single 2-D greyscale frame expected",
+                      code="not_2d")
     image = display_image(stored, ds)
     del stored
     if not np.isfinite(image).all():
-        raise ReadError("pixel values are not finite after the modality/VOI LUT")
+        raise ReadError("pixel values are not finite after the modality/VOI LUT", code="not_finite")
     return image
 
 
@@ -446,11 +514,13 @@ def read_dicom(path: str | Path, min_side: int | None = None) -> DicomImage:
     """
     ds, header = read_header(path)
     try:
-        return DicomImage(header=header, image=decode(ds, min_side))
+        with _quiet():
+            return DicomImage(header=header, image=decode(ds, min_side))
     except (Skipped, ReadError) as exc:
         exc.header = header
         raise
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises AttributeError, struct.error... on corrupt data
-        raise ReadError(f"corrupt pixel data or image attributes: {_short(exc)}", header) from None
+        raise ReadError(f"corrupt pixel data or image attributes: {sanitize.message(exc)}", header,
+                        code="corrupt_pixels") from None

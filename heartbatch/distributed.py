@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from . import sanitize
 from .model import BoxModel, ModelRef, WorkerModelError, worker_model  # noqa: F401 - re-exported
 from .pipeline import ReportSession, RunOptions, RunResult, Runner
 from .records import ERROR, Record
@@ -190,10 +190,9 @@ def _failed(path: str, exc: BaseException | None) -> Record:
     name = type(exc).__name__ if exc is not None else "unknown error"
     if name == "KilledWorker":
         return Record(path, ERROR, CRASH_REASON)
-    text = str(exc).strip().splitlines()[0][:200] if exc is not None and str(exc).strip() else ""
-    record = Record(path, ERROR, f"unexpected {name}: {text}".rstrip(": "))
+    record = Record(path, ERROR, f"unexpected {sanitize.exception(exc) if exc is not None else name}")
     if exc is not None:
-        record.detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        record.detail = sanitize.traceback_text(exc)
     return record
 
 

@@ -30,6 +30,7 @@ class Record:
     review: bool | None = None        # ok rows: a person should check this measurement
     review_reason: str = ""
     detail: str = ""                  # traceback for --debug logs; never written to the report
+    code: str = ""                    # short machine-readable reason ("not_dicom", "truncated"...); not in the CSV
 
     @property
     def ok(self) -> bool:

@@ -32,7 +32,8 @@ from .scan import scan
 
 #: Names that copy tools use while a file is still being written.
 TEMPORARY_NAMES = ("*.part", "*.partial", "*.tmp", "*.crdownload", "*.swp", ".*", "*~")
-INCOMPLETE_SKIPS = ("not a DICOM file", "empty file")
+#: Skip codes (heartbatch.dicom) that a file still being copied also gets.
+INCOMPLETE_SKIPS = ("not_dicom", "empty", "no_pixels")
 
 
 @dataclass
@@ -57,8 +58,7 @@ def is_temporary(path: str) -> bool:
 
 def _looks_incomplete(record: Record, now: float, grace: float) -> bool:
     """A failure on a file modified moments ago is most likely a copy in progress."""
-    if record.status == ERROR or (record.status == SKIPPED and (record.reason in INCOMPLETE_SKIPS
-                                                                or record.reason.startswith("no pixel data"))):
+    if record.status == ERROR or (record.status == SKIPPED and record.code in INCOMPLETE_SKIPS):
         try:
             return now - os.stat(record.path).st_mtime < grace
         except OSError:

@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -27,6 +26,7 @@ from itertools import islice
 
 import numpy as np
 
+from . import sanitize
 from .dicom import DicomHeader, ReadError, Skipped, read_dicom
 from .model import ModelRef, worker_model
 from .pixels import preprocess
@@ -52,32 +52,24 @@ def _on_alarm(signum, frame):
     raise FileTimeout()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
-
-
 def _prepare(path: str, size: int) -> Prepared | Record:
     try:
         dicom = read_dicom(path, min_side=size)
         return Prepared(path, dicom.header, preprocess(dicom.image, size))
     except Skipped as exc:
-        return Record(path, SKIPPED, exc.reason, exc.header)
+        return Record(path, SKIPPED, exc.reason, exc.header, code=exc.code)
     except ReadError as exc:
-        return Record(path, ERROR, exc.reason, exc.header)
+        return Record(path, ERROR, exc.reason, exc.header, code=exc.code)
     except MemoryError:
-        return Record(path, ERROR, "not enough memory to decode this image")
+        return Record(path, ERROR, "not enough memory to decode this image", code="memory")
     except (FileTimeout, KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - one bad file never stops a run
-        record = Record(path, ERROR, f"unexpected {type(exc).__name__}: {_first_line(exc)}".rstrip(": "))
-        record.detail = traceback.format_exc()
-        return record
+        return Record(path, ERROR, f"unexpected {sanitize.exception(exc)}",
+                      detail=sanitize.traceback_text(exc), code="unexpected")
     except BaseException as exc:  # noqa: BLE001 - Rust decoders panic with pyo3's PanicException
-        record = Record(path, ERROR, f"the decoder failed on this file ({type(exc).__name__}: "
-                                     f"{_first_line(exc)})")
-        record.detail = traceback.format_exc()
-        return record
+        return Record(path, ERROR, f"the decoder failed on this file ({sanitize.exception(exc)})",
+                      detail=sanitize.traceback_text(exc), code="decoder_panic")
 
 
 def prepare(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT) -> Prepared | Record:
@@ -94,7 +86,8 @@ def prepare(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT) -> Pr
     try:
         return _prepare(path, size)
     except FileTimeout:
-        return Record(path, ERROR, f"reading took longer than {timeout:g} s; skipped so the run can go on")
+        return Record(path, ERROR, f"reading took longer than {timeout:g} s; skipped so the run can go on",
+                      code="timeout")
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -217,7 +210,8 @@ class DecodePool:
                     for path in chunk:
                         crashes[path] = crashes.get(path, 0) + 1
                         if crashes[path] >= MAX_CRASHES:
-                            yield Record(path, ERROR, "the decoder crashed on this file (worker process died)")
+                            yield Record(path, ERROR, "the decoder crashed on this file (worker process died)",
+                                         code="crashed")
                         else:
                             suspects.append(path)
             if broken:

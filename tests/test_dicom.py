@@ -222,6 +222,34 @@ def test_truncated_jpeg_is_a_read_error(tmp_path, small8):
     assert info.value.reason
 
 
+def test_problems_carry_a_code_the_watcher_decides_by(tmp_path, small8):
+    """A copy in progress looks like these skips; the watcher matches their codes, not
+    their reason texts, so rewording a reason cannot change what it waits for."""
+    import os
+    import time
+
+    from heartbatch.watch import _looks_incomplete
+    from heartbatch.workers import prepare
+
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image\n" * 20)
+    write_text_sr(tmp_path / "sr.dcm")
+    write_dicom(tmp_path / "lat.dcm", small8, view_position="LL")
+    truncate(write_dicom(tmp_path / "cut.dcm", to_bits(small8, 16), bits_stored=16), 0.6)
+    records = {name: prepare(str(tmp_path / name), 224)
+               for name in ("empty.dcm", "notes.txt", "sr.dcm", "lat.dcm", "cut.dcm")}
+    assert {name: (r.status, r.code) for name, r in records.items()} == {
+        "empty.dcm": ("skipped", "empty"), "notes.txt": ("skipped", "not_dicom"),
+        "sr.dcm": ("skipped", "no_pixels"), "lat.dcm": ("skipped", "lateral"), "cut.dcm": ("error", "truncated")}
+    now = time.time()
+    assert [name for name, r in records.items() if _looks_incomplete(r, now, 30.0)] == [
+        "empty.dcm", "notes.txt", "sr.dcm", "cut.dcm"]
+    records["sr.dcm"].reason = "reworded"
+    assert _looks_incomplete(records["sr.dcm"], now, 30.0)
+    os.utime(tmp_path / "sr.dcm", (now - 60, now - 60))
+    assert not _looks_incomplete(records["sr.dcm"], now, 30.0)
+
+
 def test_skipped_files_keep_their_header(tmp_path, small8):
     """The report row of a skipped file still names its study and series."""
     path = write_dicom(tmp_path / "lat.dcm", small8, view_position="LL", study_uid="1.2.3.4.5")
