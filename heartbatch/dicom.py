@@ -17,9 +17,11 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import re
 import stat
 import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +208,19 @@ def _quiet():
             _PYDICOM_LOG.removeFilter(drop)
 
 
+def _stream_size(ds: Dataset, path: Path) -> int:
+    """Bytes in the stream that element offsets count in: for a deflated dataset the
+    inflated copy pydicom keeps in memory, otherwise the file itself."""
+    buffer = getattr(ds, "buffer", None)
+    if buffer is not None and not getattr(buffer, "closed", False):
+        here = buffer.tell()
+        try:
+            return buffer.seek(0, os.SEEK_END)
+        finally:
+            buffer.seek(here)
+    return path.stat().st_size
+
+
 def _read(path: Path, force: bool = False) -> Dataset:
     """dcmread that turns pydicom's truncation warnings into a ReadError.
 
@@ -228,7 +243,7 @@ def _read(path: Path, force: bool = False) -> Dataset:
                                   pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
     raw = ds.get_item(0x7FE00010, keep_deferred=True)
     if (isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF
-            and raw.value_tell + raw.length > Path(path).stat().st_size):
+            and raw.value_tell + raw.length > _stream_size(ds, Path(path))):
         raise ReadError("truncated file: it ends inside its pixel data (an incomplete copy?); copy it again",
                         code="truncated")
     return ds
@@ -269,6 +284,10 @@ def _open(path: Path) -> Dataset:
         raise Skipped("a directory, not a file", code="directory") from None
     except OSError as exc:
         raise ReadError(f"cannot read file: {exc.strerror or sanitize.message(exc)}", code="os_error") from None
+    except zlib.error as exc:  # a deflated dataset is inflated whole while reading
+        if "truncated" in str(exc):
+            raise ReadError(TRUNCATED, code="truncated") from None
+        raise ReadError(f"corrupt deflated dataset: {sanitize.message(exc)}", code="corrupt_header") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
         raise ReadError(f"corrupt DICOM header: {sanitize.message(exc)}", code="corrupt_header") from None
 
