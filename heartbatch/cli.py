@@ -329,8 +329,14 @@ def cmd_watch(args) -> int:
             console.print(f"{time.strftime('%H:%M:%S')} wrote {len(records)} rows ("
                           + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + ")", highlight=False)
 
+    def caught_up(present: int) -> None:
+        if not args.quiet:
+            console.print(f"{time.strftime('%H:%M:%S')} caught up ({present} files present at start); "
+                          "waiting for new files", highlight=False)
+
     try:
-        watcher = Watcher(args.dirs, args.out, model, options, wopts, args.state, on_records=report)
+        watcher = Watcher(args.dirs, args.out, model, options, wopts, args.state, on_records=report,
+                          on_caught_up=caught_up)
     except LedgerError as exc:
         _fail(console, f"{exc}")
         return EXIT_USAGE

@@ -7,7 +7,13 @@ modified less than ``incomplete_grace`` seconds ago is treated as a copy in
 progress and looked at again later, never reported as an error for being
 incomplete.  Files already present are caught up at start; the ledger makes
 restarts continue where they stopped.  SIGINT/SIGTERM finish the batch in
-flight, flush, and return.
+flight, flush, and return; the handlers that were there before are put back.
+
+What a caller (or a test) can observe, besides the rows: ``Watcher.caught_up``
+is set (and ``on_caught_up`` called) once every file present at start has
+been looked at; ``Watcher.rounds`` counts completed rounds (events taken in,
+ready files measured and written), so a row announced in round ``r`` means
+everything that round took in has been dealt with once ``rounds > r``.
 """
 
 from __future__ import annotations
@@ -86,7 +92,8 @@ class _Handler(FileSystemEventHandler):
 class Watcher:
     def __init__(self, dirs: list[Path], out: Path, model: BoxModel, options: RunOptions,
                  watch_options: WatchOptions | None = None, state_dir: Path | None = None,
-                 on_records: Callable[[list[Record]], None] | None = None):
+                 on_records: Callable[[list[Record]], None] | None = None,
+                 on_caught_up: Callable[[int], None] | None = None):
         self.dirs = dirs
         self.model = model
         self.options = options
@@ -94,7 +101,15 @@ class Watcher:
         self.session = ReportSession(out, model, options, state_dir)
         self.runner = Runner(model, options)
         self.on_records = on_records
+        self.on_caught_up = on_caught_up   # called once, with the number of files present at start
         self.stop_requested = threading.Event()
+        #: set once every file present at start was measured, found unchanged in the ledger, or gone
+        #: (a copy still in progress at start keeps it unset until it is complete)
+        self.caught_up = threading.Event()
+        #: completed rounds of the watch loop (see the module docstring)
+        self.rounds = 0
+        self._catching_up: set[str] = set()
+        self._present_at_start = 0
         self._events: queue.Queue[str] = queue.Queue()
         self._pending: dict[str, _Pending] = {}
         self._excluded = {os.path.realpath(p) for p in self.session.outputs}
@@ -131,6 +146,7 @@ class Watcher:
             fingerprint = Fingerprint.of(path)
             if fingerprint.size < 0:
                 del self._pending[path]          # deleted or renamed away before it settled
+                self._catching_up.discard(path)
             elif fingerprint != entry.fingerprint:
                 self._pending[path] = _Pending(fingerprint, now)
             elif now - entry.changed_at >= self.wopts.settle:
@@ -166,6 +182,7 @@ class Watcher:
             if self.stop_requested.is_set():
                 # the rest of this round stays in the ledger's "to do": a restart picks it up
                 break
+        self._catching_up.difference_update(p for p in paths if p not in self._pending)
         return wrote
 
     def catch_up(self) -> None:
@@ -173,14 +190,35 @@ class Watcher:
         for path in scan(self.dirs, exclude=self.session.outputs):
             if not self._excluded_path(str(path)):
                 self._pending[str(path)] = _Pending(Fingerprint.of(path), now - self.wopts.settle)
+        self._catching_up = set(self._pending)
+        self._present_at_start = len(self._catching_up)
+
+    def _end_round(self) -> None:
+        if not self.caught_up.is_set() and not self._catching_up:
+            self.caught_up.set()
+            if self.on_caught_up is not None:
+                self.on_caught_up(self._present_at_start)
+        self.rounds += 1
 
     def run(self, install_signal_handlers: bool = True) -> int:
+        """Watch until ``stop_requested`` is set (or SIGINT/SIGTERM arrive, when
+        ``install_signal_handlers``: only possible in the main thread); the
+        previous SIGINT/SIGTERM handlers are restored on return."""
+        previous = {}
+        if install_signal_handlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: self.stop_requested.set())
+        try:
+            return self._watch()
+        finally:
+            for sig, handler in previous.items():
+                # None: a handler not set from Python; the default is the closest we can put back
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def _watch(self) -> int:
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
-        if install_signal_handlers:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: self.stop_requested.set())
         observer = PollingObserver(timeout=1) if self.wopts.polling else Observer()
         handler = _Handler(self._events)
         for folder in self.dirs:
@@ -192,10 +230,12 @@ class Watcher:
                 now = time.monotonic()
                 self._drain_events(now)
                 ready = self._ready(now)
-                if ready and self._process(ready):
+                wrote = bool(ready) and self._process(ready)
+                if wrote:
                     self.session.summarize()
-                    continue
-                self.stop_requested.wait(self.wopts.poll_interval)
+                self._end_round()
+                if not wrote:
+                    self.stop_requested.wait(self.wopts.poll_interval)
         finally:
             observer.stop()
             observer.join(timeout=5)

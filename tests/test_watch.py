@@ -5,6 +5,14 @@ Most tests run the Watcher in a thread of this process (its observer and
 report are the real ones; stopped through ``stop_requested``); the signal,
 burst and polling tests run ``python -m heartbatch watch`` as a subprocess.
 Every wait is bounded and every process started here is killed in teardown.
+
+No test sleeps and then asserts that nothing happened (that passes without
+testing anything when the watcher is slow).  "Nothing else was measured" is
+asserted after a positive event that proves the watcher has already looked:
+a sentinel file written after the events in question has its row, and the
+round that measured it is over (``Watcher.rounds``; for a subprocess, a second
+sentinel's row, which can only come in a later round).  Catch-up is awaited
+through ``Watcher.caught_up``.
 """
 
 from __future__ import annotations
@@ -45,9 +53,10 @@ class ThreadWatcher:
     def __init__(self, dirs: list[Path], out: Path, model: Path, *, settle: float = 0.3, grace: float = 30.0,
                  polling: bool = False, workers: int = 0, batch_size: int = 16):
         self.out = out
-        self.batches: list[tuple[float, list[Record]]] = []
+        self.batches: list[tuple[float, list[Record], int]] = []  # (time, records, watcher round)
         self._lock = threading.Lock()
         self.rc: int | None = None
+        self.caught_up_at: float | None = None   # time.time() when on_caught_up was called
         self.error: BaseException | None = None
         self.watcher: Watcher | None = None
         self._ready = threading.Event()
@@ -65,7 +74,7 @@ class ThreadWatcher:
             self.watcher = Watcher(dirs, out, BoxModel(model, threads=1),
                                    RunOptions(batch_size=batch_size, workers=workers, threads=1),
                                    WatchOptions(settle=settle, incomplete_grace=grace, polling=polling),
-                                   on_records=self._on_records)
+                                   on_records=self._on_records, on_caught_up=self._on_caught_up)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
             return
@@ -78,11 +87,14 @@ class ThreadWatcher:
 
     def _on_records(self, records: list[Record]) -> None:
         with self._lock:
-            self.batches.append((time.time(), list(records)))
+            self.batches.append((time.time(), list(records), self.watcher.rounds))  # the round in progress
+
+    def _on_caught_up(self, present: int) -> None:
+        self.caught_up_at = time.time()
 
     def records(self, path: Path | None = None) -> list[tuple[float, Record]]:
         with self._lock:
-            return [(t, r) for t, batch in self.batches for r in batch if path is None or r.path == str(path)]
+            return [(t, r) for t, batch, _ in self.batches for r in batch if path is None or r.path == str(path)]
 
     def alive(self) -> None:
         if self.error is not None:
@@ -108,6 +120,22 @@ class ThreadWatcher:
     def wait_records(self, count: int, timeout: float = 30.0) -> None:
         """Until ``count`` records were reported to on_records (called just after the rows are written)."""
         self.wait(lambda: len(self.records()) >= count, f"{count} records", timeout)
+
+    def wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Until every file present at start was looked at (measured, or found unchanged in the ledger)."""
+        self.wait(lambda: self.watcher is not None and self.watcher.caught_up.is_set(), "the catch-up", timeout)
+
+    def prove_looked(self, folder: Path, pngs: list[Path], name: str = "sentinel") -> Path:
+        """Write a valid chest DICOM into ``folder``, wait for its row and for the end of the round
+        that wrote it.  Whatever happened in the watched folders before this call (events, reads,
+        files that must be ignored) has been dealt with by then: its events came first, so those
+        files were ready no later than the sentinel and were measured, if at all, by that round."""
+        sentinel = write_dicom(folder / f"{name}.dcm", thumbnail(pngs[7]), patient_id=name.upper())
+        self.wait(lambda: self.records(sentinel), f"the row of {sentinel.name}")
+        with self._lock:
+            wrote_in = next(n for _, batch, n in self.batches if any(r.path == str(sentinel) for r in batch))
+        self.wait(lambda: self.watcher.rounds > wrote_in, f"the end of the round that measured {sentinel.name}")
+        return sentinel
 
     def stop(self, timeout: float = 30.0) -> None:
         self.request_stop()
@@ -221,6 +249,26 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, group: bool 
                     f"{' to its process group' if group else ''}:\n{output(proc)[-3000:]}")
 
 
+def prove_looked_proc(proc: subprocess.Popen, out: Path, folder: Path, pngs: list[Path],
+                      timeout: float = 60) -> list[Path]:
+    """For a `heartbatch watch` subprocess: two sentinel files, the second written once the first
+    has its row.  The second can only be measured in a later round than the first, so once its row
+    is there, the round that measured the first is over, and with it everything that happened in
+    the watched folders before the first was written.  Returns both (they have rows)."""
+    def has_row(path: Path) -> bool:
+        try:
+            lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+        except FileNotFoundError:
+            return False
+        return any(line.startswith(f"{path},") and line.endswith("\n") for line in lines)
+
+    sentinels = []
+    for i in range(2):
+        sentinels += tiny_dicoms(folder, pngs, 1, start=90000 + i, prefix="sentinel")
+        wait_for(lambda: has_row(sentinels[-1]), f"the row of {sentinels[-1].name}", timeout, proc)
+    return sentinels
+
+
 def watch_cmd(dirs, out: Path, model: Path, *extra) -> list[str]:
     return hb("watch", *dirs, "--out", out, "--model", model, "--threads", "1", *extra)
 
@@ -254,8 +302,9 @@ def test_catch_up_then_new_files_and_folders_each_once(tmp_path, chest_pngs, int
     assert sum(r["status"] == "ok" for r in rows) == len(expected) - 1
     # summaries follow the report while watching
     w.wait(lambda: summary_total(out) == len(expected), "summaries refreshed", timeout=15)
-    # the watcher's own reads (open/close events) do not bring a file back
-    time.sleep(1.5)
+    # the watcher's own reads (open/close events) do not bring a file back: they came before the
+    # sentinel's events, so once the sentinel's round is over they have been dealt with
+    expected.add(str(w.prove_looked(watched, chest_pngs)))
     check_report(out, expected)
     assert len(w.records()) == len(expected)
     w.stop()
@@ -294,8 +343,7 @@ def test_run_then_watch_share_the_ledger(tmp_path, chest_pngs, intensity_model, 
                      "--quiet"]) == 0
     before = out.read_bytes()
     w = start_watcher([watched], out, intensity_model, settle=0.2)
-    time.sleep(1.5)  # catch-up has looked at the four files by now
-    w.alive()
+    w.wait_caught_up()  # catch-up has looked at the four files
     assert w.records() == [], "watch measured files that `run` had already measured"
     assert out.read_bytes() == before
     added = write_chests(watched, chest_pngs, 1, start=50, prefix="later")[0]
@@ -317,7 +365,7 @@ def big_chest(tmp_path_factory, data_dir) -> Path:
     return write_dicom(tmp_path_factory.mktemp("src") / "chest512.dcm", shared_png(data_dir, 5))
 
 
-def test_slow_chunked_write_is_processed_once_after_its_last_byte(tmp_path, big_chest, intensity_model,
+def test_slow_chunked_write_is_processed_once_after_its_last_byte(tmp_path, big_chest, chest_pngs, intensity_model,
                                                                   start_watcher, procs):
     """Twelve chunks over ~3 s, pauses shorter than the settle time (the default 1 s)."""
     watched = tmp_path / "incoming"
@@ -334,10 +382,10 @@ def test_slow_chunked_write_is_processed_once_after_its_last_byte(tmp_path, big_
     records = w.records(target)
     assert [r.status for _, r in records] == ["ok"], [(r.status, r.reason) for _, r in records]
     assert records[0][0] >= done, "the file was measured before its last byte was written"
-    time.sleep(1.5)
-    assert len(w.records()) == 1
+    sentinel = w.prove_looked(watched, chest_pngs)  # the writer's last events came before the sentinel's
+    assert [r.path for _, r in w.records()] == [str(target), str(sentinel)], "the file was measured again"
     w.stop()
-    check_report(out, {str(target)})
+    check_report(out, {str(target), str(sentinel)})
 
 
 @pytest.mark.parametrize("source, where", [
@@ -345,7 +393,7 @@ def test_slow_chunked_write_is_processed_once_after_its_last_byte(tmp_path, big_
     ("jpeg", "pixel data"),
     ("uncompressed", "header"),
 ], ids=["uncompressed-mid-pixels", "jpeg-mid-pixels", "uncompressed-in-header"])
-def test_copy_stalled_longer_than_settle_is_never_reported_incomplete(tmp_path, big_chest, siim_dicom,
+def test_copy_stalled_longer_than_settle_is_never_reported_incomplete(tmp_path, big_chest, siim_dicom, chest_pngs,
                                                                       intensity_model, start_watcher, procs,
                                                                       source, where):
     """A copy that stops for longer than the settle time looks complete but is not:
@@ -363,14 +411,15 @@ def test_copy_stalled_longer_than_settle_is_never_reported_incomplete(tmp_path, 
     writer = start_writer(procs, src, target, [(cut, 2.5), (len(data), 0.0)])
     done = writer_finished_at(writer)
     w.wait_records(1)
-    time.sleep(1.0)
+    sentinel = w.prove_looked(watched, chest_pngs)
     records = w.records(target)
     assert [(r.status, r.reason) for _, r in records] == [("ok", "")], \
         f"an incomplete copy (cut at byte {cut} of {len(data)}) was reported"
     assert records[0][0] >= done
     w.stop()
-    rows = check_report(out, {str(target)})
-    assert rows[0]["status"] == "ok"
+    rows = rows_by_path(out)
+    assert set(rows) == {str(target), str(sentinel)}
+    assert rows[str(target)]["status"] == "ok"
 
 
 def test_copy_in_progress_when_watch_starts_is_caught_up_once_complete(tmp_path, big_chest, intensity_model,
@@ -388,6 +437,8 @@ def test_copy_in_progress_when_watch_starts_is_caught_up_once_complete(tmp_path,
     records = w.records(target)
     assert [(r.status, r.reason) for _, r in records] == [("ok", "")]
     assert records[0][0] >= done
+    w.wait_caught_up()  # the copy present at start is what the catch-up was waiting for
+    assert w.caught_up_at >= records[0][0], "caught up before the file present at start was measured"
     w.stop()
     check_report(out, {str(target)})
 
@@ -402,20 +453,53 @@ def test_files_renamed_into_the_folder_are_processed_and_temporary_names_never(t
     part = write_dicom(watched / "a.dcm.part", thumbnail(chest_pngs[0]))       # copy tools' temp names
     hidden = write_dicom(watched / ".b.dcm", thumbnail(chest_pngs[1]))
     elsewhere = write_dicom(outside / "c.dcm", thumbnail(chest_pngs[2]))      # same file system, outside
-    time.sleep(1.5)  # several settle periods: the temporary names stay unmeasured
-    w.alive()
-    assert w.records() == []
+    first = w.prove_looked(watched, chest_pngs, "sentinel1")  # the temporary names came first
+    assert [r.path for _, r in w.records()] == [str(first)], "a temporary name was measured"
     os.rename(part, watched / "a.dcm")
     os.rename(hidden, watched / "b.dcm")
     os.rename(elsewhere, watched / "c.dcm")
-    expected = {str(watched / n) for n in ("a.dcm", "b.dcm", "c.dcm")}
-    w.wait_rows(3)
-    time.sleep(1.0)
+    expected = {str(watched / n) for n in ("a.dcm", "b.dcm", "c.dcm")} | {str(first)}
+    w.wait_rows(4)
+    expected.add(str(w.prove_looked(watched, chest_pngs, "sentinel2")))  # nothing measured twice
     rows = check_report(out, expected)
     assert {r["status"] for r in rows} == {"ok"}
-    assert len(w.records()) == 3
+    assert len(w.records()) == 5
     w.stop()
     check_flushed(out)
+
+
+# --- signal handlers ----------------------------------------------------------------------
+
+def test_watch_restores_the_signal_handlers_it_replaced(tmp_path, chest_pngs, intensity_model):
+    """Watcher.run() in the main thread (where handlers can be set): while it watches, SIGINT and
+    SIGTERM ask it to stop; when it returns, normally or by an exception, the previous handlers
+    are back (a program or test that watches, then does anything else, keeps its Ctrl-C)."""
+    watched = tmp_path / "incoming"
+    write_chests(watched, chest_pngs, 1)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def watcher(out: Path, on_caught_up) -> Watcher:
+        return Watcher([watched], out, BoxModel(intensity_model, threads=1), RunOptions(workers=0, threads=1),
+                       WatchOptions(settle=0.2), on_caught_up=on_caught_up)
+
+    during = {}
+
+    def stop_by_sigterm(present: int) -> None:  # in the watch loop, after the catch-up row
+        during.update({sig: signal.getsignal(sig) for sig in before})
+        during[signal.SIGTERM](signal.SIGTERM, None)  # what a SIGTERM runs, without sending one
+
+    first = watcher(tmp_path / "a" / "report.csv", stop_by_sigterm)
+    assert first.run() == 0
+    assert first.processed == 1 and first.stop_requested.is_set()
+    assert all(during[sig] is not before[sig] for sig in before), "watch did not install its handlers"
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+    def fail(present: int) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        watcher(tmp_path / "b" / "report.csv", fail).run()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 # --- bursts, signals, restarts (subprocesses) ------------------------------------------
@@ -440,7 +524,7 @@ def test_burst_of_1000_files_each_processed_once_in_batches(tmp_path, chest_pngs
     wait_for(lambda: count_complete_rows(out) >= len(expected), f"{len(expected)} rows", 240, watcher)
     assert copier.wait(timeout=60) == 0, output(copier)
     wait_for(lambda: summary_total(out) == len(expected), "summaries refreshed after the last batch", 30, watcher)
-    time.sleep(2.0)  # nothing comes back a second time
+    expected |= {str(p) for p in prove_looked_proc(watcher, out, watched, chest_pngs)}  # nothing comes back
     rows = check_report(out, expected)
     assert {r["status"] for r in rows} == {"ok"}
     assert stop_process(watcher) == 0
@@ -478,8 +562,8 @@ def jpeg_chests(tmp_path_factory, chest_pngs) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, group", SIGNALS)
-def test_signal_during_a_batch_stops_cleanly_and_a_restart_continues(tmp_path, jpeg_chests, box8_model, procs,
-                                                                     sig, group):
+def test_signal_during_a_batch_stops_cleanly_and_a_restart_continues(tmp_path, jpeg_chests, chest_pngs, box8_model,
+                                                                     procs, sig, group):
     """The signal arrives while a batch is in flight (decode workers busy): the batch is
     finished and flushed, exit 0; the next start measures exactly the files left."""
     watched = tmp_path / "incoming"
@@ -502,7 +586,7 @@ def test_signal_during_a_batch_stops_cleanly_and_a_restart_continues(tmp_path, j
     second = procs.start(command, "watch2")
     wait_for(lambda: count_complete_rows(out) >= len(expected), f"{len(expected)} rows after the restart", 120,
              second)
-    time.sleep(1.0)
+    expected |= {str(p) for p in prove_looked_proc(second, out, watched, chest_pngs)}  # nothing measured twice
     assert stop_process(second) == 0, output(second)[-3000:]
     check_report(out, expected)
     check_flushed(out)
@@ -524,7 +608,7 @@ def test_polling_observer_sees_new_and_renamed_files(tmp_path, chest_pngs, inten
     os.rename(renamed, watched / "moved.dcm")
     expected = {str(p) for p in seed + written} | {str(watched / "moved.dcm")}
     wait_for(lambda: count_complete_rows(out) >= 3, "rows for the polled files", 30, proc)
-    time.sleep(1.5)
+    expected |= {str(p) for p in prove_looked_proc(proc, out, watched, chest_pngs)}  # nothing measured twice
     assert stop_process(proc) == 0
     check_report(out, expected)
     check_flushed(out)
