@@ -78,7 +78,14 @@ def _add_common(p) -> None:
                    help="write every skipped/error file, with full tracebacks, to <report>.debug.log")
 
 
+#: Attribute that marks the --debug log handler; its value is the logger level to restore.
+_DEBUG_LOG_MARK = "_heartbatch_debug_log_level"
+
+
 def _setup_debug_log(args) -> None:
+    """With --debug, log to <report>.debug.log: one handler at a time, however often main() runs in a
+    process (the previous call's is removed and closed first)."""
+    _close_debug_log()
     if not getattr(args, "debug", False):
         return
     import logging
@@ -93,8 +100,20 @@ def _setup_debug_log(args) -> None:
     handler = _DebugLog(debug_log_path(args.out), encoding="utf-8", errors="backslashreplace", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("heartbatch")
+    setattr(handler, _DEBUG_LOG_MARK, logger.level)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+
+
+def _close_debug_log() -> None:
+    """Remove and close the --debug handler(s) of earlier main() calls; put the logger level back."""
+    import logging
+
+    logger = logging.getLogger("heartbatch")
+    for handler in [h for h in logger.handlers if hasattr(h, _DEBUG_LOG_MARK)]:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(getattr(handler, _DEBUG_LOG_MARK))
 
 
 def _add_watch(sub) -> None:
@@ -478,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if getattr(args, "debug", False) else " (run with --debug for the full trace)"),
               file=sys.stderr)
         return 1
+    finally:
+        _close_debug_log()
 
 
 if __name__ == "__main__":

@@ -330,6 +330,25 @@ def test_another_model_measures_again_into_the_same_rows(chest_dir, intensity_mo
     check_summary_agrees(out)
 
 
+def test_repeated_runs_in_one_process_keep_one_debug_log_handler(chest_dir, intensity_model, tmp_path, capsys):
+    """main() runs many times in one process (tests, notebooks): --debug's log handler is added
+    once per call and removed (and closed) on return, so no run writes into another's debug log."""
+    import logging
+
+    from heartbatch.summary import debug_log_path
+
+    logger = logging.getLogger("heartbatch")
+    handlers, level = list(logger.handlers), logger.level
+    reports = [tmp_path / f"run{i}" / "report.csv" for i in range(3)]
+    for report in reports:
+        assert cli.main(["run", str(chest_dir), "--out", str(report), "--model", str(intensity_model),
+                         "--workers", "0", "--threads", "1", "--quiet", "--debug"]) == 0
+        assert logger.handlers == handlers and logger.level == level
+    capsys.readouterr()
+    mentions = [debug_log_path(r).read_text().count("cut.dcm") for r in reports]
+    assert mentions[0] > 0 and mentions == [mentions[0]] * 3, mentions
+
+
 # --- one writer per report -------------------------------------------------------
 
 def test_second_writer_fails_fast_while_the_report_is_locked(chest_dir, intensity_model, tmp_path, procs):
