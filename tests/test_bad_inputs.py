@@ -601,15 +601,16 @@ def test_a_file_that_crashes_once_is_retried(pool_files, chunk):
 
 
 def test_hanging_file_hits_the_time_limit_in_a_worker(pool_files):
-    """A reader that blocks for 30 s is stopped at the 2 s limit; the others are unaffected."""
-    results, seconds = _pool_results(crashers.hang_on_marker, pool_files, timeout=2.0)
+    """A reader that blocks for 30 s is stopped at the 2 s limit (it would come back ok, not with
+    this error, had it run to its end); the others are unaffected.  How soon:
+    benchmarks/response_times.py."""
+    results, _ = _pool_results(crashers.hang_on_marker, pool_files, timeout=2.0)
     results = _by_path(results)
     assert set(results) == set(pool_files)
     hang = results[next(p for p in pool_files if Path(p).name == "hang.dcm")]
     assert isinstance(hang, Record) and hang.status == "error", hang
     assert "longer than 2 s" in hang.reason
     assert all(isinstance(r, Prepared) for p, r in results.items() if Path(p).name != "hang.dcm")
-    assert seconds < crashers.HANG_SECONDS / 2
 
 
 def test_measure_files_batches_in_order(pool_files, intensity_model, tmp_path):
@@ -640,11 +641,10 @@ def test_measure_files_batches_in_order(pool_files, intensity_model, tmp_path):
 
 
 def test_hanging_file_hits_the_time_limit_in_process(pool_files, monkeypatch):
-    """prepare() itself (as used without workers) bounds a blocking reader."""
+    """prepare() itself (as used without workers) bounds a blocking reader: the time-limit error,
+    never the ok result the reader gives when it runs to its end."""
     hang = next(p for p in pool_files if Path(p).name == "hang.dcm")
-    started = time.monotonic()
     result = crashers.hang_on_marker(hang, 224, 0.5)
-    assert time.monotonic() - started < 5
     assert isinstance(result, Record) and result.status == "error" and "longer than 0.5 s" in result.reason
 
 

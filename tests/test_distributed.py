@@ -121,12 +121,9 @@ def test_local_cluster_rows_match_local_run_and_resume(tmp_path, data_dir, inten
     code, plain = cli_json(capsys, "run", "studies", "--out", "plain/report.csv", "--model", intensity_model,
                            "--quiet")
     assert code == 0, plain
-    started = time.monotonic()
     code, dask = cli_json(capsys, "run", "studies", "--out", "dask/report.csv", "--model", intensity_model,
-                          "--scheduler", "local:2", "--batch-size", "4", "--quiet")
-    seconds = time.monotonic() - started
+                          "--scheduler", "local:2", "--batch-size", "4", "--quiet")  # timings: benchmarks/
     assert code == 0, dask
-    assert seconds < 120
     assert dask["processed"] == plain["processed"] == len(expected)
     assert {k: dask[k] for k in ("ok", "skipped", "error")} == {k: plain[k] for k in ("ok", "skipped", "error")}
 
@@ -323,13 +320,11 @@ def test_cli_unreachable_scheduler(tmp_path, data_dir, intensity_model, capsys):
     import dask
 
     build_folder(tmp_path / "studies", data_dir, n_ok=1)
-    started = time.monotonic()
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
         code = cli.main(["run", str(tmp_path / "studies"), "--out", str(tmp_path / "r.csv"), "--model",
                          str(intensity_model), "--scheduler", "tcp://127.0.0.1:1", "--quiet"])
     assert code == 2
-    assert "cannot connect to the Dask scheduler" in capsys.readouterr().err
-    assert time.monotonic() - started < 30
+    assert "cannot connect to the Dask scheduler" in capsys.readouterr().err  # how soon: benchmarks/
 
 
 def test_worker_model_checks_the_file(tmp_path, intensity_model, box8_model):

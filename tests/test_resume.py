@@ -371,13 +371,13 @@ def test_second_writer_fails_fast_while_the_report_is_locked(chest_dir, intensit
     out = tmp_path / "report.csv"
     holder = Ledger(state_dir_for(out))  # what a running `heartbatch run` holds
     try:
-        started = time.monotonic()
+        # the holder keeps the lock until the refused run has exited: a run that waited for the lock
+        # would never exit, and procs.run fails the test at its (generous) timeout
+        # (how fast the refusal is: benchmarks/response_times.py)
         code, text = procs.run(hb("run", chest_dir, "--out", out, "--model", intensity_model, "--workers", "0",
                                   "--quiet"), "locked", timeout=60)
-        elapsed = time.monotonic() - started
         assert code == 2, text
         assert "lock" in text.lower() and "another heartbatch process" in text.lower(), text
-        assert elapsed < 30, f"refusal took {elapsed:.1f} s: it should not wait for the lock"
         assert not out.exists() or count_complete_rows(out) == 0
     finally:
         holder.close()
@@ -398,12 +398,10 @@ def test_run_is_refused_while_watch_writes_the_same_report(chest_dir, intensity_
         assert time.monotonic() < deadline, f"watch did not catch up within 90 s:\n{output(watcher)}"
         time.sleep(0.05)
     report_bytes = out.read_bytes()
-    started = time.monotonic()
     code, text = procs.run(hb("run", chest_dir, "--out", out, "--model", intensity_model, "--workers", "0",
-                              "--quiet", "--force"), "run", timeout=60)
+                              "--quiet", "--force"), "run", timeout=60)  # the watcher holds the lock throughout
     assert code == 2, text
     assert "lock" in text.lower(), text
-    assert time.monotonic() - started < 30
     assert out.read_bytes() == report_bytes, "the refused run touched the report"
     assert watcher.poll() is None, "the refused run stopped the watcher"
     watcher.send_signal(signal.SIGTERM)
