@@ -18,6 +18,10 @@ WIDTH_WEIGHT = 1.0
 SEG_WEIGHT = 5.0
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss of a batch is NaN or infinite: training stops before stepping on it."""
+
+
 def heart_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of the heart boxes (columns 0-3, normalized), differentiable."""
     w = (torch.minimum(pred[:, 2], target[:, 2]) - torch.maximum(pred[:, 0], target[:, 0])).clamp(min=0)
@@ -66,6 +70,8 @@ def iterate_batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool
 def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch.Generator,
                     batch_size: int, device: torch.device, augment: AugmentConfig | None,
                     on_step=None, iou_weight: float = 0.0) -> dict:
+    """One pass over ``data``; mean losses.  A batch whose loss is not finite raises
+    :class:`NonFiniteLoss` before the optimizer or the scheduler steps on it."""
     model.train()
     totals = {"loss": 0.0, "box": 0.0, "seg": 0.0}
     steps = 0
@@ -81,13 +87,16 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
         lb = box_loss(pred, boxes, iou_weight)
         ls = seg_loss(seg_logits, masks, data.real_masks[idx].to(device))
         loss = lb + SEG_WEIGHT * ls
+        if not math.isfinite(loss.item()):
+            # checked before any step: the weights, optimizer and schedule stay those of the last
+            # good step (a NaN step would poison every weight and Adam's moments for good)
+            raise NonFiniteLoss(f"training loss is not finite (box {lb.item():.4g}, seg {ls.item():.4g}) "
+                                f"at step {steps + 1} of this epoch; the weights were not updated by it")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError("training loss is not finite; lower --lr")
         totals["loss"] += loss.item()
         totals["box"] += lb.item()
         totals["seg"] += ls.item()

@@ -4,7 +4,10 @@
 
 Writes to --out: ``split.json`` (the persisted train/validation split),
 ``metrics.jsonl`` (one line per epoch), ``last.pt`` (resume point) and
-``best.pt`` (best validation score), all reproducible from the seed.  With
+``best.pt`` (best validation score), all reproducible from the seed.  A batch
+whose loss is not finite (NaN/inf: usually too high a learning rate) stops
+training before any weight is stepped on it: exit status 1, the checkpoints
+keep the last finished epoch.  With
 ``--average-from K`` the learning rate is held constant from epoch K on and
 the weights are averaged once per epoch (stochastic weight averaging); the
 average is saved as ``averaged.pt``: one model fixed in advance by the
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import heartbatch
@@ -30,7 +34,7 @@ from heartbatch.labels import LabelError, load_labels
 
 from .augment import AugmentConfig
 from .datasets import build_dataset, load_or_make_split
-from .engine import evaluate, recompute_batchnorm, train_one_epoch
+from .engine import NonFiniteLoss, evaluate, recompute_batchnorm, train_one_epoch
 from .net import HeartBoxNet
 
 CHECKPOINT_FORMAT = "heartbatch-checkpoint/1"
@@ -179,18 +183,28 @@ def main(argv=None) -> int:
     augment = None if args.no_augment else AugmentConfig(scale=tuple(args.aug_scale), rotate_deg=args.aug_rotate,
                                                          translate=args.aug_translate)
     started = time.monotonic()
-    log = open(args.out / "metrics.jsonl", "a")
-    with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+    with open(args.out / "metrics.jsonl", "a") as log, \
+            Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                     TimeRemainingColumn(), console=console, transient=True) as bar:
         for epoch in range(start_epoch, args.epochs):
             task = bar.add_task("train", total=steps_per_epoch, epoch=epoch + 1)
             averaging = averaged is not None and epoch + 1 >= args.average_from
             if averaging:
                 for group in optimizer.param_groups:
                     group["lr"] = args.average_lr
-            losses = train_one_epoch(model, train_data, optimizer, None if averaging else scheduler, gen,
-                                     args.batch_size, device, augment, on_step=lambda: bar.advance(task),
-                                     iou_weight=args.iou_weight)
+            try:
+                losses = train_one_epoch(model, train_data, optimizer, None if averaging else scheduler, gen,
+                                         args.batch_size, device, augment, on_step=lambda: bar.advance(task),
+                                         iou_weight=args.iou_weight)
+            except NonFiniteLoss as exc:
+                kept = (f"{args.out / 'last.pt'} holds epoch {epoch}, the last finished one" if epoch > start_epoch
+                        else "this run wrote no checkpoint")
+                console.print("[red]error:[/red] " + escape(
+                    f"epoch {epoch + 1}: {exc}. Training stopped; {kept}. Lower --lr (now {args.lr:g}"
+                    + (f", --average-lr {args.average_lr:g}" if averaging else "")
+                    + ") and train again in a new --out, or fine-tune from a good checkpoint with --init."),
+                    highlight=False, soft_wrap=True)
+                return 1
             bar.remove_task(task)
             if averaging:
                 averaged.update_parameters(model)

@@ -490,3 +490,75 @@ def test_quantize_exported_model(data_dir, tmp_path, capsys):
     refused = tmp_path / "refused.onnx"
     assert quantize.main(args[:-1] + [str(refused), "--max-loss-px", "-1"]) == 1
     assert "should not be shipped" in capsys.readouterr().err
+
+
+# --- non-finite losses, split files, the metrics log ------------------------------
+
+def test_non_finite_loss_stops_before_any_step(data_dir):
+    """A NaN loss raises before optimizer.step() and scheduler.step(): the weights, Adam's
+    moments and the schedule are still those of the last good step (a NaN step poisons them)."""
+    from exporter.engine import NonFiniteLoss
+
+    torch.manual_seed(0)
+    data = build_dataset(load_labels(data_dir / "cxr-ctr")[:4], size=64)
+    data.images[2, 0, 10, 10] = math.nan  # one bad pixel: the whole batch's loss is NaN
+    model = HeartBoxNet(mean=0.5, std=0.25, width=32)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=10)
+    with pytest.raises(NonFiniteLoss, match="not finite"):
+        train_one_epoch(model, data, optimizer, scheduler, torch.Generator().manual_seed(0), batch_size=4,
+                        device=torch.device("cpu"), augment=None)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[name]), f"{name} was stepped on a NaN loss"
+    assert optimizer.state_dict()["state"] == {}, "the optimizer stepped"
+    assert scheduler.last_epoch == 0, "the schedule advanced"
+
+
+def _open_paths() -> list[str]:
+    paths = []
+    for fd in Path("/proc/self/fd").iterdir() if Path("/proc/self/fd").is_dir() else []:
+        try:
+            paths.append(str(fd.readlink()))
+        except OSError:
+            pass
+    return paths
+
+
+def test_train_stops_on_a_non_finite_loss_with_a_clear_error(data_dir, tmp_path, monkeypatch, capsys):
+    """Epoch 2's loss turns NaN: exit 1 with what happened and what to do on stderr, epoch 1's
+    checkpoint and metrics line kept as they were, and metrics.jsonl closed."""
+    from exporter import engine, train
+
+    calls = []
+    real = engine.box_loss
+
+    def nan_from_epoch_2(pred, target, iou_weight=0.0):
+        calls.append(1)
+        loss = real(pred, target, iou_weight)
+        return loss * math.nan if len(calls) > 1 else loss  # one step per epoch here
+
+    monkeypatch.setattr(engine, "box_loss", nan_from_epoch_2)
+    out = tmp_path / "run"
+    rc = train.main(["--data", str(_tiny_mask_folder(data_dir, tmp_path, n=6)), "--out", str(out), "--size", "64",
+                     "--epochs", "3", "--batch-size", "4", "--val-fraction", "0.34", "--threads", "1",
+                     "--lr", "1e-3"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 1, err
+    assert "epoch 2: training loss is not finite" in err and "weights were not updated" in err, err
+    assert "last.pt holds epoch 1" in err and "Lower --lr" in err, err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert not [p for p in _open_paths() if p.endswith("metrics.jsonl")], "metrics.jsonl left open"
+
+
+def test_metrics_log_is_closed_after_training(data_dir, tmp_path):
+    from exporter import train
+
+    out = tmp_path / "run"
+    assert train.main(["--data", str(_tiny_mask_folder(data_dir, tmp_path, n=4)), "--out", str(out), "--size", "64",
+                       "--epochs", "1", "--batch-size", "4", "--threads", "1", "--no-augment"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not [p for p in _open_paths() if p.endswith("metrics.jsonl")], "metrics.jsonl left open"
+
