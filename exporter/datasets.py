@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from heartbatch.images import load_image
-from heartbatch.labels import LabeledImage
+from heartbatch.labels import LabeledImage, read_split
 from heartbatch.pixels import preprocess, resize
 
 
@@ -106,20 +106,16 @@ def load_or_make_split(path: Path, keys: list[str], val_fraction: float, seed: i
                        source: Path | None = None) -> dict:
     """``source``'s split when given (it must match one already at ``path``), else
     the one persisted at ``path`` (so resumed and repeated runs agree), else a
-    new one; saved at ``path`` either way."""
+    new one; saved at ``path`` either way.  A split file that is not one, or names
+    images not in ``keys``, raises :class:`heartbatch.labels.SplitError` (a ValueError)."""
+    hint = "use a new --out or delete the split"
     if source is not None:
-        split = json.loads(Path(source).read_text())
-        if path.is_file() and json.loads(path.read_text()) != split:
+        split = read_split(source, keys, hint="give the --data the split was made from")
+        if path.is_file() and read_split(path) != split:
             raise ValueError(f"{path} holds a different split than {source}; use a new --out")
     elif path.is_file():
-        split, source = json.loads(path.read_text()), path
+        split = read_split(path, keys, hint=hint)
     else:
         split = split_keys(keys, val_fraction, seed)
-    if not (isinstance(split, dict) and isinstance(split.get("train"), list) and isinstance(split.get("val"), list)):
-        raise ValueError(f"{source}: not a split file (needs 'train' and 'val' lists of image keys)")
-    unknown = set(split["train"] + split["val"]) - set(keys)
-    if unknown:
-        raise ValueError(f"{source}: {len(unknown)} split entries are not in the data "
-                         f"(e.g. {sorted(unknown)[0]}); use a new --out or delete the split")
     path.write_text(json.dumps(split, indent=1))
     return split

@@ -28,7 +28,7 @@ import onnx
 from heartbatch import contract as C
 from heartbatch.evaluate import evaluate
 from heartbatch.images import load_image
-from heartbatch.labels import LabelError, load_labels
+from heartbatch.labels import LabelError, SplitError, load_labels, read_split
 from heartbatch.model import BoxModel, ContractError
 from heartbatch.pixels import preprocess
 
@@ -123,7 +123,12 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.split:
-        split = json.loads(args.split.read_text())
+        try:
+            split = read_split(args.split, [i.key for i in items],
+                               hint="quantize with the --data (and --labels) the split was made from")
+        except SplitError as exc:
+            print(f"error: --split {exc}", file=sys.stderr)
+            return 2
         train = [i for i in items if i.key in set(split["train"])]
         val = [i for i in items if i.key in set(split["val"])]
     else:  # no split: calibrate and check on disjoint halves

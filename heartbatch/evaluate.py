@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 
@@ -77,25 +78,38 @@ def format_metrics(m: dict, threshold: float) -> str:
     return "\n".join(lines)
 
 
+def _error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def cmd_evaluate(args) -> int:
-    from .labels import LabelError, load_labels
+    """Errors go to stderr: exit 2 for bad labels or a bad --split file, 3 for a model
+    refused, 4 when no labeled image is left to evaluate."""
+    from .labels import LabelError, SplitError, load_labels, read_split
     from .model import BoxModel, ContractError
 
     try:
         model = BoxModel(args.model)
     except ContractError as exc:
-        print(f"model refused: {exc}")
+        _error(f"model refused: {exc}")
         return 3
     try:
         items = load_labels(args.data, args.labels)
     except (LabelError, OSError, KeyError, ValueError) as exc:
-        print(f"error: cannot read labels: {exc}")
+        _error(f"error: cannot read labels: {exc}")
         return 2
     if args.split:
-        wanted = set(json.loads(args.split.read_text())["val"])
+        try:
+            split = read_split(args.split, [i.key for i in items],
+                               hint=f"evaluate with the --data{' and --labels' if args.labels else ''} "
+                                    "the split was made from")
+        except SplitError as exc:
+            _error(f"error: --split {exc}")
+            return 2
+        wanted = set(split["val"])
         items = [i for i in items if i.key in wanted]
     if not items:
-        print("error: no labeled images found")
+        _error("error: no labeled images found" + (f" in the 'val' list of {args.split}" if args.split else ""))
         return 4
     metrics = evaluate(model, items, args.ctr_threshold, args.batch_size)
     print(f"model {model.info.path.name} ({model.info.model_id}) on {args.data}"

@@ -8,13 +8,16 @@
 * a plain CSV ``path,heart_x0,heart_y0,heart_x1,heart_y1[,thorax_x0,...]`` in pixels.
 
 Every layout becomes a list of :class:`LabeledImage` with normalized boxes, so
-training and evaluation never care where labels came from.
+training and evaluation never care where labels came from.  :func:`read_split`
+reads and checks the train/validation split files that training writes
+(``split.json``), for every command that takes ``--split``.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,3 +190,52 @@ def load_labels(data: str | Path, labels: str | Path | None = None) -> list[Labe
     if {"x0", "y0", "w", "h", "name"} <= set(header):
         return from_legacy_labels(labels, data)
     return from_box_csv(labels, base=data)
+
+
+# --- train/validation split files ----------------------------------------------------
+
+class SplitError(LabelError):
+    """A split file that cannot be used: unreadable, not JSON, not train/val lists, or naming
+    images that are not in the data."""
+
+
+SPLIT_SHAPE = "a JSON object with 'train' and 'val' lists of image keys, as heartbatch-train writes to split.json"
+
+
+def check_split(split, keys, source: str | Path,
+                hint: str = "give the --data (and --labels) the split was made from") -> dict:
+    """``split`` (parsed JSON) if it is a usable split of the images ``keys``, else :class:`SplitError`
+    naming ``source`` and what is wrong.  ``keys=None`` checks the shape only."""
+    if not (isinstance(split, dict) and isinstance(split.get("train"), list) and isinstance(split.get("val"), list)):
+        raise SplitError(f"{source}: not a split file (needs {SPLIT_SHAPE})")
+    not_text = [k for k in split["train"] + split["val"] if not isinstance(k, str)]
+    if not_text:
+        raise SplitError(f"{source}: not a split file: image keys must be strings such as 'jsrt/JPCLN001.png' "
+                         f"(found {not_text[0]!r})")
+    both = set(split["train"]) & set(split["val"])
+    if both:
+        raise SplitError(f"{source}: {len(both)} images are in both 'train' and 'val' (e.g. {sorted(both)[0]}); "
+                         "a validation image must never be trained on")
+    if keys is not None:
+        unknown = set(split["train"] + split["val"]) - set(keys)
+        if unknown:
+            raise SplitError(f"{source}: {len(unknown)} split entries are not in the data "
+                             f"(e.g. {sorted(unknown)[0]}); {hint}")
+    return split
+
+
+def read_split(path: str | Path, keys=None, hint: str = "give the --data (and --labels) the split was made from"
+               ) -> dict:
+    """The split in the JSON file ``path``, checked with :func:`check_split`; :class:`SplitError`
+    (a ``ValueError``) with the file named and what is wrong otherwise."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SplitError(f"{path}: cannot read the split file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise SplitError(f"{path}: not a split file (not UTF-8 text; needs {SPLIT_SHAPE})") from None
+    try:
+        split = json.loads(text)
+    except ValueError as exc:
+        raise SplitError(f"{path}: not a split file (not JSON: {exc}; needs {SPLIT_SHAPE})") from None
+    return check_split(split, keys, path, hint)

@@ -114,3 +114,49 @@ def test_evaluate_with_a_box_csv_over_dicoms(tmp_path, capsys):
     assert main(["evaluate", "--data", str(folder), "--labels", str(tmp_path / "boxes.csv"),
                  "--model", str(model)]) == 0
     assert "heart IoU mean / median     1.000 / 1.000" in capsys.readouterr().out
+
+
+# --- errors: exit status and message on stderr, never an internal error ------------------------
+
+@pytest.mark.parametrize("content, says", [
+    pytest.param("{not json", "not JSON", id="not-json"),
+    pytest.param("[1, 2]", "not a split file", id="a-list"),
+    pytest.param('{"train": ["set/a.png"]}', "not a split file", id="no-val"),
+    pytest.param('{"train": "set/a.png", "val": ["set/b.png"]}', "not a split file", id="train-a-string"),
+    pytest.param('{"train": ["set/a.png"], "val": ["set/a.png"]}', "in both 'train' and 'val'", id="overlap"),
+    pytest.param('{"train": ["set/a.png"], "val": ["other/b.png"]}', "not in the data", id="unknown-image"),
+    pytest.param(None, "cannot read the split file", id="missing-file"),
+])
+def test_evaluate_refuses_a_bad_split_file(tiny_cxr, tmp_path, capsys, content, says):
+    model = M.constant_box_model(tmp_path / "const.onnx")
+    split = tmp_path / "split.json"
+    if content is not None:
+        split.write_text(content)
+    out = tmp_path / "m.json"
+    code = main(["evaluate", "--data", str(tiny_cxr), "--model", str(model), "--split", str(split),
+                 "--json", str(out)])
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert code == 2, err
+    assert str(split) in err and says in err, err
+    assert "internal error" not in err
+    assert captured.out == "" and not out.exists()
+
+
+def test_evaluate_errors_go_to_stderr(tiny_cxr, tmp_path, capsys):
+    model = M.constant_box_model(tmp_path / "const.onnx")
+    assert main(["evaluate", "--data", str(tmp_path / "absent"), "--model", str(model)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "cannot read labels" in captured.err
+
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"train": ["set/a.png", "set/b.png"], "val": []}')
+    assert main(["evaluate", "--data", str(tiny_cxr), "--model", str(model), "--split", str(empty)]) == 4
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no labeled images" in captured.err and str(empty) in captured.err
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    code = main(["evaluate", "--data", str(tiny_cxr), "--model", str(broken)])
+    captured = capsys.readouterr()
+    assert code == 3 and captured.out == "" and "model refused" in captured.err, captured

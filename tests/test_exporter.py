@@ -562,3 +562,44 @@ def test_metrics_log_is_closed_after_training(data_dir, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert not [p for p in _open_paths() if p.endswith("metrics.jsonl")], "metrics.jsonl left open"
 
+
+#: (file content, what the message must say) for split files that cannot be used
+BAD_SPLITS = [
+    pytest.param("{not json", "not JSON", id="not-json"),
+    pytest.param("[1, 2]", "not a split file", id="a-list"),
+    pytest.param('{"train": ["jsrt/x.png"]}', "not a split file", id="no-val"),
+    pytest.param('{"train": [], "val": [3]}', "must be strings", id="numbers"),
+    pytest.param('{"train": [], "val": ["jsrt/NOPE.png"]}', "not in the data", id="unknown-image"),
+    pytest.param(None, "cannot read the split file", id="missing-file"),
+]
+
+
+def test_train_split_that_is_not_json_is_refused(data_dir, tmp_path, capsys):
+    from exporter import train
+
+    bad = tmp_path / "split.json"
+    bad.write_text("{not json")
+    assert train.main(["--data", str(_tiny_mask_folder(data_dir, tmp_path, n=4)), "--out", str(tmp_path / "run"),
+                       "--split", str(bad), "--size", "64", "--epochs", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(bad) in err and "not JSON" in err, err
+
+
+@pytest.mark.parametrize("content, says", BAD_SPLITS)
+def test_quantize_refuses_a_bad_split_file(data_dir, tmp_path, capsys, content, says):
+    """Exit 2, the file and what is wrong on stderr, nothing written: never 'internal error'."""
+    import onnx_models as M
+    from exporter import quantize
+
+    model = M.constant_box_model(tmp_path / "const.onnx")
+    split = tmp_path / "split.json"
+    if content is not None:
+        split.write_text(content)
+    out = tmp_path / "int8.onnx"
+    rc = quantize.main([str(model), "--data", str(_tiny_mask_folder(data_dir, tmp_path, n=4)), "--split", str(split),
+                        "--out", str(out)])
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert rc == 2, err
+    assert str(split) in err and says in err, err
+    assert not out.exists()
