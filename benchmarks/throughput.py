@@ -137,15 +137,16 @@ def _measure_share(paths: list[str], model_path: str | None, barrier, results) -
     """One core's share: load the model, warm up, wait for the others, then time the files."""
     from heartbatch.model import BoxModel, remember
     from heartbatch.pipeline import FILES_PER_TASK
+    from heartbatch.confidence import Policy
     from heartbatch.workers import measure_files
 
     model = BoxModel(model_path, threads=1)
     ref, size = remember(model), model.info.input_size
-    measure_files(paths[:FILES_PER_TASK], size, None, model=ref, threshold=0.5, threads=1)
+    measure_files(paths[:FILES_PER_TASK], size, None, model=ref, policy=Policy(), threads=1)
     barrier.wait()
     start = time.perf_counter()
     for i in range(0, len(paths), FILES_PER_TASK):
-        measure_files(paths[i:i + FILES_PER_TASK], size, None, model=ref, threshold=0.5, threads=1)
+        measure_files(paths[i:i + FILES_PER_TASK], size, None, model=ref, policy=Policy(), threads=1)
     results.put(time.perf_counter() - start)
 
 

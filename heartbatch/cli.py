@@ -68,6 +68,7 @@ def _add_common(p) -> None:
     p.add_argument("--threads", type=_positive_int,
                    help="onnxruntime threads per model (default: CPU cores / worker processes)")
     p.add_argument("--ctr-threshold", type=_ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
+    _add_content_check(p)
     p.add_argument("--include-patient-id", action="store_true",
                    help="add patient_id and accession_number columns (off by default: no identifiers)")
     p.add_argument("--state", type=Path,
@@ -151,6 +152,15 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _add_content_check(p) -> None:
+    p.add_argument("--min-chest-score", type=_ratio,
+                   help="films whose content check scores below this are skipped, not measured "
+                        "(default: the model's recommended threshold, see MODEL_CARD.md)")
+    p.add_argument("--no-content-check", dest="content_check", action="store_false",
+                   help="measure every film the header checks accept, whatever its pixels look like "
+                        "(the chest score is still written; rows are still flagged for review)")
+
+
 def _add_show(sub) -> None:
     p = sub.add_parser(
         "show", help="draw the boxes, widths and CTR on one image (optionally with an occlusion map)",
@@ -168,6 +178,7 @@ def _add_show(sub) -> None:
     p.add_argument("--size", type=_positive_int, default=1024,
                    help="longer side of the PNG in pixels, never above the original (1024)")
     p.add_argument("--ctr-threshold", type=_ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
+    _add_content_check(p)
     p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: one per core)")
     p.set_defaults(func=cmd_show)
 
@@ -193,10 +204,15 @@ def _load_model(path: Path | None, threads: int | None, console):
     from .model import BoxModel, ContractError
 
     try:
-        return BoxModel(path, threads=threads)
+        model = BoxModel(path, threads=threads)
     except ContractError as exc:
         _fail(console, str(exc), "model refused")
         return None
+    if not model.info.has_trust:
+        console.print(f"[yellow]notice[/]: model {model.info.model_id} has no content check or uncertainty "
+                      f"outputs: every film the header checks accept is measured, and the chest_score and "
+                      f"uncertainty cells stay empty", highlight=False)
+    return model
 
 
 def _model_changed(console, exc) -> int:
@@ -256,8 +272,7 @@ def cmd_run(args) -> int:
 
         run = partial(run_on_dask, scheduler=args.scheduler)
 
-    options = RunOptions(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
-                         include_patient_id=args.include_patient_id, threads=args.threads, timeout=args.timeout)
+    options = RunOptions.from_args(args)
     info = model.info
     try:
         result = _run_with_progress(args, model, options, console, scan, run)
@@ -338,8 +353,7 @@ def cmd_watch(args) -> int:
     from .pipeline import RunOptions
     from .watch import WatchOptions, Watcher
 
-    options = RunOptions(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
-                         include_patient_id=args.include_patient_id, threads=args.threads, timeout=args.timeout)
+    options = RunOptions.from_args(args)
     wopts = WatchOptions(settle=args.settle, incomplete_grace=args.incomplete_grace, polling=args.polling)
 
     def report(records):
@@ -398,6 +412,7 @@ def cmd_show(args) -> int:
     from rich.console import Console
 
     from .dicom import ReadError, Skipped, read_dicom
+    from .confidence import Policy
     from .overlay import Marks, draw_marks, to_rgb
     from .pixels import display, preprocess
     from .records import measure
@@ -417,8 +432,8 @@ def cmd_show(args) -> int:
         _fail(console, f"{args.file}: {exc.reason}", kind)
         return EXIT_NOTHING
     model_input = preprocess(dicom.image, info.input_size)
-    boxes = model.predict(model_input[None])[0]
-    record = measure(str(args.file), dicom.header, boxes, info.model_id, args.ctr_threshold)
+    policy = Policy.for_model(info.metadata, args.ctr_threshold, args.content_check, args.min_chest_score)
+    record = measure(str(args.file), dicom.header, model.infer(model_input[None])[0], info.model_id, policy)
     if not record.ok:
         _fail(console, f"{args.file}: {record.reason}")
         return EXIT_NOTHING

@@ -21,6 +21,12 @@ OUTPUT_LAYOUTS = {
     4: ",".join(HEART_COLUMNS),
 }
 
+# optional outputs: name -> shape (None: any size), see :mod:`heartbatch.confidence`
+CHEST_SCORE = "chest_score"      # [N] in [0, 1]: a frontal chest film, upright, not a negative
+UNCERTAINTY = "uncertainty"      # [N, 8]: one standard deviation of each box coordinate (normalized)
+CONTENT = "content"              # [N, K]: content class probabilities, class names in META_TRUST
+OPTIONAL_OUTPUTS = {CHEST_SCORE: ("N",), UNCERTAINTY: ("N", 8), CONTENT: ("N", None)}
+
 # metadata_props keys
 META_FORMAT = "heartbatch.format_version"
 META_INPUT_SIZE = "heartbatch.input_size"
@@ -32,6 +38,7 @@ META_TRAINING_DATA = "heartbatch.training_data"
 META_VALIDATION = "heartbatch.validation_metrics"
 META_CODE_VERSION = "heartbatch.code_version"
 META_SOURCE = "heartbatch.source_checkpoint"
+META_TRUST = "heartbatch.trust"  # JSON: content classes and the thresholds the model card recommends
 
 REQUIRED_METADATA = (META_FORMAT, META_INPUT_SIZE, META_OUTPUT_LAYOUT, META_PREPROCESSING,
                      META_TRAINING_DATA, META_VALIDATION, META_CODE_VERSION)

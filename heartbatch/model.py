@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import contract
+from .confidence import Prediction
 from .pixels import PIPELINE_VERSION
 
 DEFAULT_MODEL_NAME = "heartbox.onnx"
@@ -34,6 +35,12 @@ class ModelInfo:
     input_size: int
     outputs: int             # 8 (heart + thorax) or 4 (heart only: no CTR)
     metadata: dict[str, str] = field(default_factory=dict)
+    optional: tuple[str, ...] = ()  # the contract's optional outputs this model has
+
+    @property
+    def has_trust(self) -> bool:
+        """Content check and uncertainty: a model without them still runs, with empty cells."""
+        return contract.CHEST_SCORE in self.optional and contract.UNCERTAINTY in self.optional
 
     @property
     def has_thorax(self) -> bool:
@@ -118,7 +125,28 @@ def _check(session, path: Path) -> ModelInfo:
     if meta[contract.META_OUTPUT_LAYOUT] != contract.OUTPUT_LAYOUTS[width]:
         raise ContractError(f"{where}: output layout {meta[contract.META_OUTPUT_LAYOUT]!r} does not match "
                             f"its {width} outputs (expected {contract.OUTPUT_LAYOUTS[width]!r})")
-    return ModelInfo(path=path, model_id=file_id(path), input_size=size, outputs=width, metadata=meta)
+    optional = _check_optional(session, where, size)
+    return ModelInfo(path=path, model_id=file_id(path), input_size=size, outputs=width, metadata=meta,
+                     optional=optional)
+
+
+def _check_optional(session, where: str, size: int) -> tuple[str, ...]:
+    """The optional outputs present, each checked for its shape on a batch of 2."""
+    names = [o.name for o in session.get_outputs() if o.name in contract.OPTIONAL_OUTPUTS]
+    if not names:
+        return ()
+    probe = session.run(names, {contract.INPUT_NAME: np.zeros((2, 1, size, size), np.float32)})
+    for name, value in zip(names, probe):
+        expected = contract.OPTIONAL_OUTPUTS[name]
+        if value.ndim != len(expected) or value.shape[0] != 2 or \
+                any(want is not None and got != want for got, want in zip(value.shape[1:], expected[1:])):
+            raise ContractError(f"{where}: optional output '{name}' must be {_shape_text(expected)}; "
+                                f"a batch of 2 gave shape {list(value.shape)}")
+    return tuple(names)
+
+
+def _shape_text(shape: tuple) -> str:
+    return "[" + ", ".join("N" if i == 0 else "K" if d is None else str(d) for i, d in enumerate(shape)) + "]"
 
 
 class BoxModel:
@@ -138,6 +166,21 @@ class BoxModel:
         batch = np.ascontiguousarray(images, dtype=np.float32)[:, None]
         out = self._session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: batch})[0]
         return out.astype(np.float64)
+
+    def infer(self, images: np.ndarray) -> list[Prediction]:
+        """``[N, S, S]`` preprocessed images -> every output the model has, per image."""
+        batch = np.ascontiguousarray(images, dtype=np.float32)[:, None]
+        names = [contract.OUTPUT_NAME, *self.info.optional]
+        values = dict(zip(names, self._session.run(names, {contract.INPUT_NAME: batch})))
+        boxes = values[contract.OUTPUT_NAME].astype(np.float64)
+        scores = values.get(contract.CHEST_SCORE)
+        sds = values.get(contract.UNCERTAINTY)
+        content = values.get(contract.CONTENT)
+        return [Prediction(boxes[i],
+                           chest_score=None if scores is None else float(scores[i]),
+                           uncertainty=None if sds is None else sds[i].astype(np.float64),
+                           content=None if content is None else content[i].astype(np.float64))
+                for i in range(len(boxes))]
 
 
 # --- the same model in worker processes ---------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from .confidence import Policy
 from .model import BoxModel, remember
 from .records import Record
 from .workers import DEFAULT_TIMEOUT, DecodePool, measure_files
@@ -35,6 +36,18 @@ class RunOptions:
     include_patient_id: bool = False
     threads: int | None = None       # onnxruntime threads per model; None: cores / worker processes
     timeout: float | None = DEFAULT_TIMEOUT  # seconds per file
+    content_check: bool = True       # refuse films that are not frontal chest films by their pixels
+    min_chest_score: float | None = None  # None: the threshold the model recommends (its metadata)
+
+    @classmethod
+    def from_args(cls, args) -> "RunOptions":
+        """The options of `run` and `watch` from their parsed command line."""
+        return cls(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
+                   include_patient_id=args.include_patient_id, threads=args.threads, timeout=args.timeout,
+                   content_check=args.content_check, min_chest_score=args.min_chest_score)
+
+    def policy(self, model: BoxModel) -> Policy:
+        return Policy.for_model(model.info.metadata, self.threshold, self.content_check, self.min_chest_score)
 
 
 class Runner:
@@ -46,7 +59,7 @@ class Runner:
         workers = (os.cpu_count() or 1) if workers is None else workers
         threads = self.options.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
         # this process's copy serves inline files; workers load theirs once (and check its hash)
-        task = partial(measure_files, model=remember(model), threshold=self.options.threshold, threads=threads)
+        task = partial(measure_files, model=remember(model), policy=self.options.policy(model), threads=threads)
         # the pool outlives one call to process(), so `watch` starts its workers once
         self.pool = DecodePool(workers, model.info.input_size, self.options.timeout, many=task,
                                chunk=FILES_PER_TASK)
@@ -89,7 +102,7 @@ class RunResult:
 
 def settings_key(model: BoxModel, options: RunOptions) -> str:
     """What besides the file shapes its row: a new model or threshold re-measures it."""
-    return f"model={model.info.model_id};threshold={options.threshold:g}"
+    return f"model={model.info.model_id};{options.policy(model).key()}"
 
 
 class ReportSession:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .dicom import DicomHeader
+
+if TYPE_CHECKING:
+    from .confidence import Policy, Prediction
 
 OK, SKIPPED, ERROR = "ok", "skipped", "error"
 
@@ -37,26 +43,41 @@ class Record:
         return self.status == OK
 
 
-def measure(path: str, header: DicomHeader, boxes, model_id: str, threshold: float) -> Record:
-    """Normalized model output for one image -> a complete record (or an error record)."""
+def measure(path: str, header: DicomHeader, prediction: "Prediction", model_id: str, policy: "Policy") -> Record:
+    """One image's model outputs -> a complete record: skipped by its content, measured (and
+    perhaps flagged for review), or an error."""
+    from .confidence import box_problems, ctr_uncertainty, refusal, review_reasons
     from .geometry import ctr as ctr_of, to_pixels, width
 
-    values = [float(v) for v in boxes]
-    if not all(math.isfinite(v) for v in values):
+    boxes = np.asarray(prediction.boxes, dtype=np.float64)
+    if not np.isfinite(boxes).all():
         return Record(path, ERROR, "model returned a non-finite box for this image", header, model_id=model_id)
+    score = prediction.chest_score
+    score = None if score is None or not math.isfinite(score) else float(score)
+    reason = refusal(prediction, policy)
+    if reason is not None:
+        return Record(path, SKIPPED, reason, header, model_id=model_id, chest_score=score, code="content")
     pixel = to_pixels(boxes, header.rows, header.columns)
     heart = tuple(float(v) for v in pixel[:4])
-    thorax = tuple(float(v) for v in pixel[4:8]) if len(values) == 8 else None
+    thorax = tuple(float(v) for v in pixel[4:8]) if len(boxes) == 8 else None
     for name, box in (("heart", heart), ("thorax", thorax)):
         if box is not None and not (box[2] > box[0] and box[3] > box[1]):
             return Record(path, ERROR, f"model returned an empty {name} box", header, model_id=model_id)
-    record = Record(path, OK, "", header, heart=heart, thorax=thorax, model_id=model_id)
+    record = Record(path, OK, "", header, heart=heart, thorax=thorax, model_id=model_id, chest_score=score)
     spacing = header.pixel_spacing_mm
     if spacing is not None:
         record.heart_width_mm = width(heart) * spacing[1]
     if thorax is not None:
         record.ctr = ctr_of(heart, thorax)
-        record.enlarged = record.ctr > threshold
+        record.enlarged = record.ctr > policy.threshold
         if spacing is not None:
             record.thoracic_width_mm = width(thorax) * spacing[1]
+    sd = prediction.uncertainty
+    record.uncertainty = ctr_uncertainty(boxes, sd) if sd is not None and np.isfinite(sd).all() else None
+    reasons = review_reasons(prediction, policy, record.uncertainty,
+                             header.rows / header.columns if header.columns else 1.0)
+    if prediction.chest_score is not None and score is None:
+        reasons.insert(0, "content check gave no score (non-finite model output)")
+    record.review = bool(reasons)
+    record.review_reason = "; ".join(reasons)
     return record

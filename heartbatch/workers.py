@@ -27,6 +27,7 @@ from itertools import islice
 import numpy as np
 
 from . import sanitize
+from .confidence import Policy
 from .dicom import DicomHeader, ReadError, Skipped, read_dicom
 from .model import ModelRef, worker_model
 from .pixels import preprocess
@@ -94,7 +95,7 @@ def prepare(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT) -> Pr
 
 
 def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_TIMEOUT, *, model: ModelRef,
-                  threshold: float, threads: int | None = 1) -> list[Record]:
+                  policy: Policy, threads: int | None = 1) -> list[Record]:
     """prepare() each file, then one batch through the model (loaded once per process):
     the files' records, in order.
 
@@ -107,8 +108,8 @@ def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_T
     if not ready:
         return items
     box_model = worker_model(model, threads)
-    boxes = iter(box_model.predict(np.stack([item.image for item in ready])))
-    return [measure(item.path, item.header, next(boxes), box_model.info.model_id, threshold)
+    predictions = iter(box_model.infer(np.stack([item.image for item in ready])))
+    return [measure(item.path, item.header, next(predictions), box_model.info.model_id, policy)
             if isinstance(item, Prepared) else item for item in items]
 
 

@@ -109,13 +109,15 @@ def constant_box_model(path: str | Path, boxes: Sequence[float] = DEFAULT_BOXES,
 def intensity_expected(images: np.ndarray) -> np.ndarray:
     """What :func:`intensity_model` returns for ``images`` [N, 1, S, S] (float32 [N, 8]).
 
-    Heart ``x0=0.25, y0=0.4, x1=0.25+0.5*m, y1=0.8`` with ``m`` the image mean
-    clipped to [0, 1]; thorax :data:`INTENSITY_THORAX`.  So CTR = 0.625 * m:
-    rows mixed up across a batch show as wrong CTRs.
+    Heart ``x0=0.61-0.4*m, y0=0.45, x1=0.85, y1=0.75`` with ``m`` the image mean
+    clipped to [0, 1]; thorax :data:`INTENSITY_THORAX`.  So CTR = 0.3 + 0.5 * m:
+    rows mixed up across a batch show as wrong CTRs.  The heart lies right of
+    the thorax midline, in the anatomical ranges of the review rules, for m
+    from about 0.1 to 1.
     """
     m = np.clip(images.reshape(len(images), -1).mean(axis=1, dtype=np.float64), 0, 1)
-    out = np.tile(np.array([0.25, 0.4, 0.25, 0.8, *INTENSITY_THORAX]), (len(images), 1))
-    out[:, 2] += 0.5 * m
+    out = np.tile(np.array([0.61, 0.45, 0.85, 0.75, *INTENSITY_THORAX]), (len(images), 1))
+    out[:, 0] -= 0.4 * m
     return out.astype(np.float32)
 
 
@@ -128,9 +130,9 @@ def intensity_model(path: str | Path, size: int = 224,
         helper.make_node("Add", ["scaled", "base"], [C.OUTPUT_NAME]),
     ]
     gain = np.zeros((1, 8), np.float32)
-    gain[0, 2] = 0.5
+    gain[0, 0] = -0.4
     inits = [_shape_n1(), _const("lo", 0.0), _const("hi", 1.0), _const("gain", gain),
-             _const("base", [[0.25, 0.4, 0.25, 0.8, *INTENSITY_THORAX]])]
+             _const("base", [[0.61, 0.45, 0.85, 0.75, *INTENSITY_THORAX]])]
     return _save(path, nodes, inits, size=size, outputs=8, metadata_overrides=metadata_overrides)
 
 

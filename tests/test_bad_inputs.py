@@ -618,6 +618,7 @@ def test_measure_files_batches_in_order(pool_files, intensity_model, tmp_path):
     file that is not DICOM keeps its place, and no box goes to the wrong file
     (the intensity model's boxes differ per image)."""
     from heartbatch.model import remember
+    from heartbatch.confidence import Policy
     from heartbatch.workers import measure_files
 
     broken = tmp_path / "broken.dcm"
@@ -629,8 +630,9 @@ def test_measure_files_batches_in_order(pool_files, intensity_model, tmp_path):
         ds.save_as(path)
     paths = [pool_files[0], str(broken), str(others[0]), str(others[1])]
     ref = remember(BoxModel(intensity_model, threads=1))
-    batched = measure_files(paths, 224, 60.0, model=ref, threshold=0.5)
-    single = [measure_files([p], 224, 60.0, model=ref, threshold=0.5)[0] for p in paths]
+    policy = Policy()
+    batched = measure_files(paths, 224, 60.0, model=ref, policy=policy)
+    single = [measure_files([p], 224, 60.0, model=ref, policy=policy)[0] for p in paths]
     assert [r.path for r in batched] == paths
     assert [r.status for r in batched] == ["ok", "skipped", "ok", "ok"]
     for a, b in zip(batched, single):

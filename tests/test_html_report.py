@@ -142,7 +142,7 @@ def test_thumbnails_draw_the_boxes_where_the_report_says(ran):
         thorax = [float(row[f"thorax_{k}"]) for k in ("x0", "y0", "x1", "y1")]
         assert _edge_fraction(img, heart, sx, sy, "red") > 0.9, name
         assert _edge_fraction(img, thorax, sx, sy, "blue") > 0.9, name
-        shifted = [heart[0] + 12 / sx, heart[1], heart[2] + 12 / sx, heart[3]]
+        shifted = [heart[0] + 12 / sx, heart[1] + 12 / sy, heart[2] + 12 / sx, heart[3] + 12 / sy]
         assert _edge_fraction(img, shifted, sx, sy, "red") < 0.5, "red only where the box is"
 
 
