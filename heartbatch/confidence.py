@@ -91,16 +91,14 @@ def refusal(prediction: Prediction, policy: Policy) -> str | None:
         return None
     if prediction.chest_score >= policy.min_chest_score:
         return None
-    kind = _likely_class(prediction, policy, exclude=("chest", "mirrored"))
-    detail = WRONG_KIND_REASONS.get(kind or "")
+    detail = WRONG_KIND_REASONS.get(_likely_class(prediction, policy) or "")  # said only when it is the likeliest
     return f"{CONTENT_REASON}: {detail}" if detail else CONTENT_REASON
 
 
-def _likely_class(prediction: Prediction, policy: Policy, exclude: tuple[str, ...] = ()) -> str | None:
+def _likely_class(prediction: Prediction, policy: Policy) -> str | None:
     if prediction.content is None or len(policy.classes) != len(prediction.content):
         return None
-    ranked = sorted(zip(prediction.content, policy.classes), reverse=True)
-    return next((name for _, name in ranked if name not in exclude), None)
+    return policy.classes[int(np.argmax(prediction.content))]
 
 
 def ctr_uncertainty(boxes: np.ndarray, sd: np.ndarray) -> float | None:
