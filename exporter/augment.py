@@ -4,6 +4,13 @@ Geometry: one random affine per sample (scale, rotation, translation) applied
 to the image and its masks with the same sampling grid.  No horizontal flip:
 the heart lies left of the midline and the model may rely on it.
 Photometry: gamma, contrast, brightness and Gaussian noise on the image only.
+Ward corruptions (``AugmentConfig.ward``, a probability per sample): before
+the affine, 1-3 of :data:`exporter.corrupt.WARD` (ECG leads and lines, haze,
+contrast, noise, resampling, JPEG, grid, AP geometry, collimation, tight crop)
+on the image and its masks together, each sample with its own numpy generator
+(seeded by the caller, e.g. from the seed, the epoch and the image key), so a
+run is reproducible.  Boxes always come from the moved masks
+(:func:`boxes_from_masks`).
 """
 
 from __future__ import annotations
@@ -11,8 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import corrupt
 
 
 @dataclass
@@ -24,6 +34,7 @@ class AugmentConfig:
     contrast: float = 0.2
     brightness: float = 0.08
     noise: float = 0.03
+    ward: float = 0.0            # probability per sample of 1-3 ward corruptions (exporter.corrupt)
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
@@ -81,8 +92,30 @@ def photometric(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) 
     return out.clamp(0, 1)
 
 
-def augment_batch(images, masks, cfg: AugmentConfig, gen: torch.Generator):
-    """Augmented images and the boxes of their warped masks."""
+def ward_batch(images: torch.Tensor, masks: torch.Tensor, probability: float, rngs) -> tuple:
+    """With ``probability`` per sample, :func:`exporter.corrupt.ward` (1-3 ward corruptions) on the
+    image ``[n, 1, S, S]`` and its masks ``[n, k, S, S]`` together; ``rngs``: one numpy generator
+    per sample, which decides both whether and how."""
+    out_images, out_masks = [], []
+    for image, mask, rng in zip(images.numpy(), masks.numpy(), rngs):
+        if probability > 0 and rng.random() < probability:
+            picture, mask = corrupt.ward(image[0], mask, rng)
+            image = picture[None]
+        out_images.append(np.asarray(image, dtype=np.float32))
+        out_masks.append(np.asarray(mask, dtype=np.float32))
+    return torch.from_numpy(np.stack(out_images)), torch.from_numpy(np.stack(out_masks))
+
+
+def augment_batch(images, masks, cfg: AugmentConfig, gen: torch.Generator, rngs=None):
+    """Augmented images, their warped masks and the boxes of those masks.
+
+    ``rngs`` (one numpy generator per sample) is needed when ``cfg.ward`` > 0:
+    the ward corruptions come first, then the affine and the photometry.
+    """
+    if cfg.ward > 0:
+        if rngs is None:
+            raise ValueError("ward corruptions need one numpy generator per sample (rngs)")
+        images, masks = ward_batch(images, masks, cfg.ward, rngs)
     theta = random_affine(len(images), cfg, gen)
     images, masks = warp(images, masks, theta)
     return photometric(images, cfg, gen), masks, boxes_from_masks(masks)

@@ -102,17 +102,48 @@ def split_keys(keys: list[str], val_fraction: float, seed: int) -> dict[str, lis
     return {"seed": seed, "val_fraction": val_fraction, "train": sorted(train), "val": sorted(val)}
 
 
+def source_of(key: str) -> str:
+    """The source folder of an image key (``jsrt/JPCLN001.png`` -> ``jsrt``), as :func:`split_keys` groups."""
+    return key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+def holdout_split(keys: list[str], source: str) -> dict[str, list[str]]:
+    """Cross-source split: every image of the source folder ``source`` in validation, the rest
+    in training ("train on JSRT, validate on Wingspan").  ValueError naming the sources there
+    are when ``source`` holds no image or every image."""
+    name = source.strip("/")
+    val = sorted(k for k in keys if source_of(k) == name or source_of(k).startswith(name + "/"))
+    train = sorted(set(keys) - set(val))
+    if not val or not train:
+        sources = ", ".join(sorted({source_of(k) or "(top level)" for k in keys}))
+        raise ValueError(f"--holdout-source {source}: "
+                         + ("no image of the data is in that source folder" if not val
+                            else "every image of the data is in that source folder, none would be left to train on")
+                         + f"; the sources are: {sources}")
+    return {"holdout_source": name, "train": train, "val": val}
+
+
 def load_or_make_split(path: Path, keys: list[str], val_fraction: float, seed: int,
-                       source: Path | None = None) -> dict:
-    """``source``'s split when given (it must match one already at ``path``), else
+                       source: Path | None = None, holdout_source: str | None = None) -> dict:
+    """``source``'s split when given (it must match one already at ``path``), else the
+    cross-source split of ``holdout_source`` when given (same condition), else
     the one persisted at ``path`` (so resumed and repeated runs agree), else a
     new one; saved at ``path`` either way.  A split file that is not one, or names
     images not in ``keys``, raises :class:`heartbatch.labels.SplitError` (a ValueError)."""
     hint = "use a new --out or delete the split"
+    if source is not None and holdout_source is not None:
+        raise ValueError("--split and --holdout-source both choose the validation images; give one")
     if source is not None:
         split = read_split(source, keys, hint="give the --data the split was made from")
         if path.is_file() and read_split(path) != split:
             raise ValueError(f"{path} holds a different split than {source}; use a new --out")
+    elif holdout_source is not None:
+        split = holdout_split(keys, holdout_source)
+        if path.is_file():
+            old = read_split(path, keys, hint=hint)
+            if (sorted(old["train"]), sorted(old["val"])) != (split["train"], split["val"]):
+                raise ValueError(f"{path} holds a different split than --holdout-source {holdout_source}; "
+                                 "use a new --out")
     elif path.is_file():
         split = read_split(path, keys, hint=hint)
     else:

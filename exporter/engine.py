@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from heartbatch.metrics import REFERENCE_SIZE, box_metrics
 
+from . import corrupt
 from .augment import AugmentConfig, augment_batch
 from .datasets import TensorDataset
 
@@ -69,9 +70,11 @@ def iterate_batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool
 
 def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch.Generator,
                     batch_size: int, device: torch.device, augment: AugmentConfig | None,
-                    on_step=None, iou_weight: float = 0.0) -> dict:
+                    on_step=None, iou_weight: float = 0.0, epoch: int = 0, seed: int = 0) -> dict:
     """One pass over ``data``; mean losses.  A batch whose loss is not finite raises
-    :class:`NonFiniteLoss` before the optimizer or the scheduler steps on it."""
+    :class:`NonFiniteLoss` before the optimizer or the scheduler steps on it.  With
+    ``augment.ward`` > 0, each sample's ward corruptions come from a numpy generator
+    fixed by (``seed``, ``epoch``, its key): the same films every run, resumed or not."""
     model.train()
     totals = {"loss": 0.0, "box": 0.0, "seg": 0.0}
     steps = 0
@@ -80,7 +83,9 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
             continue
         images, masks, boxes = data.images[idx], data.masks[idx], data.boxes[idx].clone()
         if augment is not None:
-            images, masks, warped = augment_batch(images, masks, augment, gen)
+            rngs = ([corrupt.seeded(seed, "ward", epoch, data.keys[i]) for i in idx.tolist()]
+                    if augment.ward > 0 else None)
+            images, masks, warped = augment_batch(images, masks, augment, gen, rngs)
             boxes = torch.where(torch.isfinite(boxes), warped, boxes)
         images, masks, boxes = images.to(device), masks.to(device), boxes.to(device)
         pred, seg_logits = model.forward_train(images)

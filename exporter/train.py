@@ -12,11 +12,19 @@ keep the last finished epoch.  With
 the weights are averaged once per epoch (stochastic weight averaging); the
 average is saved as ``averaged.pt``: one model fixed in advance by the
 schedule, not picked on the validation split.
+
+``--ward P`` corrupts each training sample with probability P like a ward film
+(exporter/corrupt.py: ECG leads, lines, haze, noise, JPEG, AP geometry,
+collimation, tight crops...), image and masks together, before the affine
+augmentation.  ``--holdout-source wingspan`` validates on every image of that
+source folder and trains on the others.  ``--show-augmentations OUT.png``
+draws a few training films plain and with every ward corruption, and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -24,20 +32,27 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import heartbatch
-from heartbatch.labels import LabelError, load_labels
+from heartbatch.labels import LabelError, load_labels, read_split
 
-from .augment import AugmentConfig
-from .datasets import build_dataset, load_or_make_split
+from . import corrupt
+from .augment import AugmentConfig, augment_batch, boxes_from_masks
+from .datasets import build_dataset, holdout_split, load_or_make_split, source_of, split_keys
 from .engine import NonFiniteLoss, evaluate, recompute_batchnorm, train_one_epoch
 from .net import HeartBoxNet
 
 CHECKPOINT_FORMAT = "heartbatch-checkpoint/1"
+#: --show-augmentations: how many training films (rows), the columns, the label band above them (px)
+SHOW_FILMS = 4
+SHOW_COLUMNS = ("plain", *corrupt.WARD, "ward_mix", "ward+affine")
+SHOW_LABEL_PX = 14
 
 
 def code_version() -> str:
@@ -75,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="cxr-ctr style folder, image folder, or box CSV")
     p.add_argument("--labels", help="label CSV (original project's format or a box CSV) for --data")
-    p.add_argument("--out", required=True, type=Path, help="run folder (created)")
+    p.add_argument("--out", type=Path, help="run folder (created; required unless --show-augmentations)")
     p.add_argument("--size", type=int, default=224, help="input size S, 224 or larger (default 224)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
@@ -86,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="use this persisted train/validation split (e.g. runs/default/split.json), so that "
                         "runs with different seeds hold out the same images (default: the run folder's own, "
                         "made from --seed and --val-fraction on the first run)")
+    p.add_argument("--holdout-source", metavar="SOURCE",
+                   help="cross-source split: every image of this source folder of --data (e.g. wingspan or "
+                        "jsrt) in validation, the other sources in training; not with --split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--aug-scale", type=float, nargs=2, default=list(AugmentConfig.scale), metavar=("LO", "HI"),
@@ -94,6 +112,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="random rotation, +- degrees (default 7)")
     p.add_argument("--aug-translate", type=float, default=AugmentConfig.translate, metavar="FRAC",
                    help="random shift, +- fraction of the image size (default 0.05)")
+    p.add_argument("--ward", type=float, default=0.0, metavar="P",
+                   help="probability per training sample of 1-3 ward-film corruptions (exporter/corrupt.py: "
+                        "ECG leads, lines, haze, contrast, noise, resampling, JPEG, grid, AP geometry, "
+                        "collimation, tight crop), image and masks together, before the affine (default 0: off)")
+    p.add_argument("--show-augmentations", type=Path, metavar="OUT_PNG",
+                   help="write a grid of a few training films, plain and with every ward corruption (heart box "
+                        "red, thorax blue, from the moved masks) to OUT_PNG and exit without training")
     p.add_argument("--imagenet-weights", type=Path,
                    help="local torchvision resnet18 ImageNet state dict (optional; default: from scratch)")
     p.add_argument("--resume", type=Path, help="checkpoint to continue from (e.g. runs/NAME/last.pt)")
@@ -111,6 +136,102 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def augment_config(args) -> AugmentConfig:
+    return AugmentConfig(scale=tuple(args.aug_scale), rotate_deg=args.aug_rotate, translate=args.aug_translate,
+                         ward=args.ward)
+
+
+def usage_error(args) -> str | None:
+    """What is wrong with a combination of options (exit 2), or None."""
+    if args.out is None and not args.show_augmentations:
+        return "--out is required (the run folder), unless --show-augmentations"
+    if args.split is not None and args.holdout_source is not None:
+        return ("--split and --holdout-source both choose the validation images: give one (--holdout-source "
+                "makes the split; a run folder keeps it in split.json)")
+    if not 0.0 <= args.ward <= 1.0:
+        return f"--ward is a probability per sample, from 0 to 1 (got {args.ward:g})"
+    if args.ward > 0 and args.no_augment:
+        return "--ward is an augmentation: not with --no-augment"
+    return None
+
+
+def _show_films(args, items) -> list:
+    """A few training films (from --split, --holdout-source or the seeded split), sources in turn."""
+    keys = [i.key for i in items]
+    if args.split is not None:
+        train = read_split(args.split, keys)["train"]
+    elif args.holdout_source is not None:
+        train = holdout_split(keys, args.holdout_source)["train"]
+    else:
+        train = split_keys(keys, args.val_fraction, args.seed)["train"]
+    by_source: dict[str, list[str]] = {}
+    for key in sorted(train):
+        by_source.setdefault(source_of(key), []).append(key)
+    chosen, queues = [], list(by_source.values())
+    while len(chosen) < SHOW_FILMS and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < SHOW_FILMS:
+                chosen.append(queue.pop(0))
+    by_key = {i.key: i for i in items}
+    return [by_key[k] for k in chosen]
+
+
+def _tile(image: np.ndarray, masks: np.ndarray) -> Image.Image:
+    """One grey film as RGB with the heart (red) and thorax (blue) boxes of its masks."""
+    size = image.shape[-1]
+    tile = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(tile)
+    boxes = boxes_from_masks(torch.from_numpy(np.asarray(masks, dtype=np.float32))[None])[0].numpy() * size
+    for box, colour in ((boxes[:4], (255, 40, 40)), (boxes[4:], (60, 120, 255))):
+        x0, y0, x1, y1 = box
+        if x1 > x0 and y1 > y0:
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=max(1, size // 224))
+    return tile
+
+
+def show_augmentations(args, items, console) -> int:
+    """--show-augmentations: rows of training films; columns plain, each ward corruption, a mix of
+    1-3 (as --ward applies them) and the whole training augmentation with the --aug-* strengths (ward mix,
+    affine, photometry; plain with --no-augment)."""
+    try:
+        films = _show_films(args, items)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
+    data = build_dataset(films, args.size)
+    size = args.size
+    sheet = Image.new("RGB", (len(SHOW_COLUMNS) * size, SHOW_LABEL_PX + len(films) * size), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for col, name in enumerate(SHOW_COLUMNS):
+        draw.text((col * size + 3, 1), name, fill=(0, 0, 0))
+    gen = torch.Generator().manual_seed(args.seed)
+    cfg = dataclasses.replace(augment_config(args), ward=1.0)
+    for row, key in enumerate(data.keys):
+        image, masks = data.images[row, 0].numpy(), data.masks[row].numpy()
+        for col, name in enumerate(SHOW_COLUMNS):
+            rng = corrupt.seeded(args.seed, "show", key, name)
+            if name == "plain":
+                out, moved = image, masks
+            elif name == "ward_mix":
+                out, moved = corrupt.ward(image, masks, rng)
+            elif name == "ward+affine":
+                if args.no_augment:
+                    out, moved = image, masks
+                else:
+                    batch, moved_batch, _ = augment_batch(data.images[row:row + 1], data.masks[row:row + 1], cfg,
+                                                          gen, [rng])
+                    out, moved = batch[0, 0].numpy(), moved_batch[0].numpy()
+            else:
+                out, moved = corrupt.WARD[name](image, masks, rng)
+            sheet.paste(_tile(out, moved), (col * size, SHOW_LABEL_PX + row * size))
+    args.show_augmentations.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(args.show_augmentations)
+    console.print(f"{len(films)} training films x {len(SHOW_COLUMNS)} ({', '.join(SHOW_COLUMNS)}) at {size}px "
+                  f"-> {args.show_augmentations}; heart box red, thorax blue (from the masks); nothing trained",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
@@ -119,16 +240,22 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    args.out.mkdir(parents=True, exist_ok=True)
+    usage = usage_error(args)
+    if usage:
+        console.print(f"[red]error:[/red] {escape(usage)}", highlight=False, soft_wrap=True)
+        return 2
 
     try:
         items = load_labels(args.data, args.labels)
     except (LabelError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    if args.show_augmentations:
+        return show_augmentations(args, items, console)
+    args.out.mkdir(parents=True, exist_ok=True)
     try:
         split = load_or_make_split(args.out / "split.json", [i.key for i in items], args.val_fraction, args.seed,
-                                   source=args.split)
+                                   source=args.split, holdout_source=args.holdout_source)
     except (ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
@@ -138,7 +265,8 @@ def main(argv=None) -> int:
         train_data = build_dataset([by_key[k] for k in split["train"]], args.size,
                                    lambda: bar.advance(task))
         val_data = build_dataset([by_key[k] for k in split["val"]], args.size, lambda: bar.advance(task))
-    console.print(f"{len(train_data)} training, {len(val_data)} validation images at {args.size}px on {device}")
+    console.print(f"{len(train_data)} training, {len(val_data)} validation images at {args.size}px on {device}"
+                  + (f" (validation: every {args.holdout_source} image)" if args.holdout_source else ""))
 
     mean, std = train_data.images.mean().item(), train_data.images.std().item()
     init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init else None
@@ -177,11 +305,11 @@ def main(argv=None) -> int:
               "augment": None if args.no_augment else {"scale": list(args.aug_scale), "rotate_deg": args.aug_rotate,
                                                        "translate": args.aug_translate},
               "train_images": len(train_data), "val_images": len(val_data),
+              "ward": 0.0 if args.no_augment else args.ward, "holdout_source": args.holdout_source,
               "iou_weight": args.iou_weight, "average_from": args.average_from, "average_lr": args.average_lr,
               "imagenet_init": args.imagenet_weights is not None, "init": str(args.init) if args.init else None,
               "code_version": code_version()}
-    augment = None if args.no_augment else AugmentConfig(scale=tuple(args.aug_scale), rotate_deg=args.aug_rotate,
-                                                         translate=args.aug_translate)
+    augment = None if args.no_augment else augment_config(args)
     started = time.monotonic()
     with open(args.out / "metrics.jsonl", "a") as log, \
             Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
@@ -195,7 +323,7 @@ def main(argv=None) -> int:
             try:
                 losses = train_one_epoch(model, train_data, optimizer, None if averaging else scheduler, gen,
                                          args.batch_size, device, augment, on_step=lambda: bar.advance(task),
-                                         iou_weight=args.iou_weight)
+                                         iou_weight=args.iou_weight, epoch=epoch, seed=args.seed)
             except NonFiniteLoss as exc:
                 kept = (f"{args.out / 'last.pt'} holds epoch {epoch}, the last finished one" if epoch > start_epoch
                         else "this run wrote no checkpoint")

@@ -411,6 +411,45 @@ def test_augmentation_strength_flags(data_dir, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "plain" / "last.pt", weights_only=False)["config"]["augment"] is None
 
 
+def test_ward_flag_reaches_the_training_batches(data_dir, tmp_path, monkeypatch, capsys):
+    """--ward P: every training sample (P = 1) gets corrupt.ward on its image and masks, from a generator
+    seeded by seed, epoch and image, before the affine; recorded in the checkpoint; off by default."""
+    from exporter import corrupt, train
+
+    calls = []
+    real_ward = corrupt.ward
+
+    def spy(image, masks, rng, n=None):
+        out = real_ward(image, masks, rng, n)
+        calls.append((image.shape, masks.shape, out[0].copy()))
+        return out
+
+    monkeypatch.setattr(corrupt, "ward", spy)
+    data = _tiny_mask_folder(data_dir, tmp_path, n=4)
+    common = ["--data", str(data), "--size", "64", "--epochs", "2", "--batch-size", "4", "--threads", "1"]
+    assert train.main([*common, "--out", str(tmp_path / "a"), "--ward", "1"]) == 0
+    state = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    n_train = len(state["split"]["train"])
+    assert len(calls) == 2 * n_train and all(c[:2] == ((64, 64), (2, 64, 64)) for c in calls)
+    assert state["config"]["ward"] == 1.0
+    assert state["config"]["augment"] == {"scale": [0.9, 1.1], "rotate_deg": 7.0, "translate": 0.05}
+    first = calls[:]
+
+    calls.clear()  # the same seed: the same corrupted films, epoch by epoch
+    assert train.main([*common, "--out", str(tmp_path / "b"), "--ward", "1"]) == 0
+    assert len(calls) == len(first)
+    assert sorted(c[2].tobytes() for c in calls) == sorted(c[2].tobytes() for c in first)
+
+    calls.clear()  # default: off, nothing corrupted, recorded as 0
+    assert train.main([*common, "--out", str(tmp_path / "c"), "--epochs", "1"]) == 0
+    assert calls == [] and torch.load(tmp_path / "c" / "last.pt", weights_only=False)["config"]["ward"] == 0.0
+
+    for bad in (["--ward", "1.5"], ["--ward", "0.5", "--no-augment"]):
+        assert train.main([*common, "--out", str(tmp_path / "d"), *bad]) == 2
+        assert "--ward" in " ".join(capsys.readouterr().err.split())
+    assert calls == []
+
+
 
 def test_shared_split_across_seeds(data_dir, tmp_path, capsys):
     """--split: a second seed holds out the same images; a conflicting or foreign split is refused."""
