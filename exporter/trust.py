@@ -232,6 +232,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--report", type=Path, help="also write the evaluation as JSON here")
+    p.add_argument("--leave-out-packages", action="store_true",
+                   help="also check each family of package images with a classifier fitted without it "
+                        "(kinds of image never seen in fitting; about 30 more fits)")
     args = p.parse_args(argv)
     try:
         base = onnx.load(str(args.model))
@@ -283,6 +286,8 @@ def main(argv=None) -> int:
     evaluation["uncertainty"] = {"factor": factor, "review_cut": review_uncertainty,
                                  "ctr_mae_clean_val": float(err.mean()),
                                  "share_within_1sd": float(np.mean(err <= raw * factor))}
+    if args.leave_out_packages:
+        evaluation["left_out_packages"] = _leave_out(head, fit, train, others, policy)
     out = add_content_head(add_uncertainty(_strip(with_features(base)), factor), head)
     meta = {p.key: p.value for p in base.metadata_props}
     meta[C.META_TRUST] = json.dumps({**policy, "fit": (
@@ -355,11 +360,34 @@ def _evaluate(head, features: np.ndarray, samples, policy: dict) -> dict:
     return {"by_kind": out}
 
 
+def _leave_out(head, fit: dict, train, others, policy: dict) -> dict:
+    """Each family of package images (pydicom's CT, MR, NM, US, extremity CR, test pattern ...)
+    scored by a classifier fitted without it: how the check does on kinds it never saw."""
+    from . import content
+
+    groups = np.array(others.groups)
+    features = np.concatenate([fit["train"][FEATURES], fit["others"][FEATURES]])
+    labels = np.array(train.labels + others.labels)
+    in_train = np.ones(len(train.labels), bool)
+    out = {}
+    for group in sorted(set(groups)):
+        keep = np.concatenate([in_train, groups != group])
+        mu, sd, w, b = content.fit_classifier(features[keep], labels[keep], len(content.CLASSES), steps=200)
+        held = content.ContentHead(head.classes, mu, sd, w, b, head.l4_mean, head.whiten,
+                                   head.distance_cut, head.distance_slope)
+        score = held.score(fit["others"][FEATURES][groups == group])
+        out[group] = {"n": int(len(score)), "refused": float(np.mean(score < policy["min_chest_score"])),
+                      "refused_or_flagged": float(np.mean(score < policy["review_chest_score"]))}
+    return out
+
+
 def _print(evaluation: dict, policy: dict) -> None:
     print(f"{'validation-film samples':24}{'n':>6}{'refused':>10}{'refused or flagged':>20}{'mirrored':>10}")
     for kind, row in evaluation["by_kind"].items():
         print(f"{kind:24}{row['n']:6d}{row['refused']:10.3f}{row['refused_or_flagged']:20.3f}"
               f"{row['mirrored_flag']:10.3f}")
+    for group, row in evaluation.get("left_out_packages", {}).items():
+        print(f"left out {group:15}{row['n']:6d}{row['refused']:10.3f}{row['refused_or_flagged']:20.3f}")
     u = evaluation["uncertainty"]
     print(f"uncertainty factor {u['factor']:.4f}; CTR error within one SD on clean validation "
           f"{u['share_within_1sd']:.2f}; review above CTR SD {u['review_cut']:.4f}; "

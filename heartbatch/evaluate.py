@@ -15,6 +15,15 @@ import sys
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="measure a model's accuracy on labeled images",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
@@ -24,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", type=Path, help="split.json from training: evaluate its 'val' images only")
     p.add_argument("--model", type=Path, help="ONNX model (default: the shipped model)")
     p.add_argument("--ctr-threshold", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per inference batch (16)")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 
