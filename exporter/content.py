@@ -94,24 +94,24 @@ def package_image(path: str, size: int) -> np.ndarray | None:
 
     from heartbatch.dicom import display_image
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # test files are odd on purpose; what matters is their pixels
+        try:
             ds = pydicom.dcmread(path, force=True)
             pixels = np.asarray(ds.pixel_array, dtype=np.float32)
-    except Exception:  # noqa: BLE001 - many test files are broken on purpose
-        return None
-    colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
-    if colour:
-        pixels = pixels.mean(-1)
-    while pixels.ndim > 2:
-        pixels = pixels[pixels.shape[0] // 2]
-    if min(pixels.shape) < 32 or float(pixels.std()) == 0.0:
-        return None
-    try:
-        image = pixels if colour else display_image(pixels, ds)
-    except Exception:  # noqa: BLE001
-        image = pixels
+        except Exception:  # noqa: BLE001 - many test files are broken on purpose
+            return None
+        colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
+        if colour:
+            pixels = pixels.mean(-1)
+        while pixels.ndim > 2:
+            pixels = pixels[pixels.shape[0] // 2]
+        if min(pixels.shape) < 32 or float(pixels.std()) == 0.0:
+            return None
+        try:
+            image = pixels if colour else display_image(pixels, ds)
+        except Exception:  # noqa: BLE001
+            image = pixels
     return preprocess(image, size)
 
 

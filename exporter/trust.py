@@ -25,6 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 FEATURES = "trust_features"
 LAYER4_DIMS = 512
+PREFIX = "trust/"  # every node and initializer this module adds
+OUTPUTS = ("chest_score", "uncertainty", "content", "chest_distance", FEATURES)
 
 
 class SurgeryError(ValueError):
@@ -36,7 +38,7 @@ def _producer(graph) -> dict[str, onnx.NodeProto]:
 
 
 def _softmax(graph) -> onnx.NodeProto:
-    nodes = [n for n in graph.node if n.op_type == "Softmax"]
+    nodes = [n for n in graph.node if n.op_type == "Softmax" and not n.name.startswith(PREFIX)]
     if len(nodes) != 1:
         raise SurgeryError(f"expected one soft-argmax (Softmax) in the graph, found {len(nodes)}; "
                            "trust outputs are added to single-network exports only")
@@ -68,7 +70,7 @@ def _const(graph, name: str, value) -> str:
 
 
 def _node(graph, op: str, inputs: list[str], output: str, **attrs) -> str:
-    graph.node.append(helper.make_node(op, inputs, [output], name=f"trust/{output}", **attrs))
+    graph.node.append(helper.make_node(op, inputs, [output], name=f"{PREFIX}{output}", **attrs))
     return output
 
 
@@ -83,9 +85,25 @@ def input_size(model: onnx.ModelProto) -> int:
     return int(meta[C.META_INPUT_SIZE])
 
 
-def with_features(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with the ``trust_features`` output."""
+def without_trust(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every trust output removed: the box network as export or quantize wrote it."""
     model = _copy(model)
+    g = model.graph
+    keep = [n for n in g.node if not n.name.startswith(PREFIX)]
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if not i.name.startswith(PREFIX)]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    outputs = [o for o in g.output if o.name not in OUTPUTS]
+    del g.output[:]
+    g.output.extend(outputs)
+    return model
+
+
+def with_features(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with the ``trust_features`` output (trust outputs already there are replaced)."""
+    model = without_trust(model)
     g, size = model.graph, input_size(model)
     fused = _heatmap_features(g)
     l4 = _node(g, "GlobalAveragePool", [_layer4(g)], "trust/l4_pool")

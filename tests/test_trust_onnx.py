@@ -1,0 +1,97 @@
+"""trust-onnx: the graph surgery and the fit, on the shipped model and the fixture films."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from dicom_factory import shared_png
+from exporter import trust
+from heartbatch import contract as C
+from heartbatch.model import BoxModel, default_model_path
+from heartbatch.pixels import preprocess
+
+
+
+@pytest.fixture(scope="module")
+def shipped() -> onnx.ModelProto:
+    return onnx.load(str(default_model_path()))
+
+
+def _run(model: onnx.ModelProto, images: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(names, {C.INPUT_NAME: images[:, None].astype(np.float32)})
+
+
+def _films(data_dir, n: int = 3) -> np.ndarray:
+    return np.stack([preprocess(shared_png(data_dir, i).astype(np.float32), 224) for i in range(n)])
+
+
+def test_without_trust_is_the_box_network(shipped, data_dir):
+    bare = trust.without_trust(shipped)
+    assert [o.name for o in bare.graph.output] == [C.OUTPUT_NAME]
+    assert not any(n.name.startswith(trust.PREFIX) for n in bare.graph.node)
+    films = _films(data_dir)
+    np.testing.assert_array_equal(_run(bare, films, [C.OUTPUT_NAME])[0], _run(shipped, films, [C.OUTPUT_NAME])[0])
+
+
+def test_uncertainty_is_the_spread_of_each_heatmap(shipped, data_dir):
+    """The added output equals the standard deviation of each soft-argmax distribution, computed
+    here with numpy from the softmax itself."""
+    model = trust.add_uncertainty(trust.with_features(shipped), factor=2.0)
+    softmax = trust._softmax(model.graph).output[0]
+    model.graph.output.append(helper.make_tensor_value_info(softmax, TensorProto.FLOAT, None))
+    boxes, sd, prob = _run(model, _films(data_dir), [C.OUTPUT_NAME, "uncertainty", softmax])
+    side = 224 // 8
+    prob = prob.reshape(len(prob), 8, side, side)
+    grid = (np.arange(side) + 0.5) / side
+    for summed, coords in ((2, slice(0, 8, 2)), (3, slice(1, 8, 2))):  # x: over rows; y: over columns
+        marginal = prob.sum(axis=summed)[:, coords]
+        mean = (marginal * grid).sum(-1)
+        np.testing.assert_allclose(mean, boxes[:, coords], atol=1e-5)  # the same distribution as the boxes
+        expected = 2.0 * np.sqrt((marginal * grid ** 2).sum(-1) - mean ** 2)
+        np.testing.assert_allclose(sd[:, coords], expected, rtol=1e-3, atol=1e-6)
+
+
+def test_features_are_the_pooled_stages(shipped, data_dir):
+    model = trust.with_features(shipped)
+    films = _films(data_dir)
+    features = _run(model, films, [trust.FEATURES])[0]
+    assert features.shape == (len(films), 512 + 128 * 16 + 256)
+    thumbs = films.reshape(len(films), 16, 14, 16, 14).mean(axis=(2, 4)).reshape(len(films), -1)
+    np.testing.assert_allclose(features[:, -256:], thumbs, atol=1e-5)
+
+
+def test_trust_onnx_end_to_end(shipped, data_dir, tmp_path, capsys):
+    """Fitted on the fixture films (12 training, 4 validation): the model has the outputs, its
+    boxes are the input model's, and the thresholds are in its metadata."""
+    data = data_dir / "cxr-ctr"
+    keys = sorted(f"{p.parent.parent.name}/{p.name}" for p in data.glob("*/png/*.png"))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": keys[:6] + keys[10:], "val": keys[6:10]}))
+    out, report = tmp_path / "trusted.onnx", tmp_path / "trust.json"
+    assert trust.main([str(default_model_path()), "--data", str(data), "--split", str(split), "--out", str(out),
+                       "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "negative" in printed and "uncertainty factor" in printed
+    model = BoxModel(out)
+    assert model.info.has_trust
+    policy = json.loads(model.info.metadata[C.META_TRUST])
+    assert policy["classes"][0] == "chest" and policy["review_uncertainty"] > 0
+    films = _films(data_dir, 4)
+    np.testing.assert_allclose(model.predict(films), BoxModel().predict(films), atol=1e-6)
+    evaluation = json.loads(report.read_text())
+    assert set(evaluation["by_kind"]) >= {"chest", "negative", "turned_90", "mirrored"}
+
+
+def test_a_graph_with_two_networks_is_refused(shipped, tmp_path):
+    doubled = trust.without_trust(shipped)
+    extra = helper.make_node("Softmax", [C.OUTPUT_NAME], ["second"], name="another_softmax")
+    doubled.graph.node.append(extra)
+    with pytest.raises(trust.SurgeryError, match="one soft-argmax"):
+        trust.with_features(doubled)
