@@ -399,7 +399,8 @@ def cmd_report(args) -> int:
         return EXIT_USAGE
     with open(args.report, encoding="utf-8", errors="replace") as fh:
         header = fh.readline().strip().split(",")
-    if header[:len(COLUMNS)] != COLUMNS:
+    first = COLUMNS[:COLUMNS.index("model_id") + 1]  # reports of earlier versions end there
+    if header[:len(first)] != first:
         _fail(console, f"{args.report} is not a heartbatch report (its columns differ)")
         return EXIT_USAGE
     out = args.html or args.report.with_suffix(".html")
@@ -411,8 +412,8 @@ def cmd_report(args) -> int:
 def cmd_show(args) -> int:
     from rich.console import Console
 
-    from .dicom import ReadError, Skipped, read_dicom
     from .confidence import Policy
+    from .dicom import ReadError, Skipped, read_dicom
     from .overlay import Marks, draw_marks, to_rgb
     from .pixels import display, preprocess
     from .records import measure
@@ -484,6 +485,10 @@ def print_summary(console, result, info) -> None:
         views = ", ".join(f"{v} {d['enlarged']}/{d['n']}" for v, d in s["by_view"].items())
         table.add_row(f"CTR > {s['threshold']:.2f}", f"{ctr['enlarged']} of {ctr['n']} images ({views}); "
                       f"{s['studies']['ctr']['enlarged']} of {s['studies']['n']} studies")
+    review = s.get("review", {})
+    if review.get("n"):
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(review["reasons"].items(), key=lambda r: -r[1])[:3])
+        table.add_row("flagged for review", f"{review['n']} measurements, not in the CTR statistics ({reasons})")
     elif not info.has_thorax:
         table.add_row("CTR", "not measured: the model is heart-only")
     table.add_row("model", f"{info.path.name} ({info.model_id})")

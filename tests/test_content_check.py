@@ -236,3 +236,11 @@ def test_policy_comes_from_the_model_metadata_with_user_overrides(model_dir):
     assert Policy.for_model(meta, min_chest_score=0.7).min_chest_score == 0.7
     assert Policy.for_model(meta).review_uncertainty == 0.04
     assert Policy.for_model(meta).key() != Policy.for_model(meta, content_check=False).key()
+
+
+def test_the_run_summary_shows_the_flagged_count(tmp_path, data_dir, capsys):
+    _write(tmp_path / "in" / "mirrored.dcm", np.ascontiguousarray(shared_png(data_dir, 6)[:, ::-1]))
+    _write(tmp_path / "in" / "film.dcm", shared_png(data_dir, 0))
+    assert cli.main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "report.csv"), "--workers", "0"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "flagged for review" in err and "1 measurements, not in the CTR statistics" in err

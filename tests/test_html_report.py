@@ -171,6 +171,22 @@ def test_default_output_and_threshold_come_from_the_run(ran, tmp_path):
     assert "CTR &gt; 0.50" in text
 
 
+def test_a_report_of_an_earlier_version_renders(ran, tmp_path):
+    """A report written before the trust columns (it ends at model_id) still renders."""
+    import csv
+
+    root, report, page = ran
+    with open(report, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    end = rows[0].index("model_id") + 1
+    old = tmp_path / "old.csv"
+    with open(old, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerows(row[:end] for row in rows)
+    assert cli.main(["report", str(old), "--html", str(tmp_path / "old.html")]) == 0
+    text = (tmp_path / "old.html").read_text(encoding="utf-8")
+    assert len(_thumbnails(text)) == len(_thumbnails(page.read_text(encoding="utf-8")))
+
+
 def test_missing_dicom_gets_a_placeholder(ran, tmp_path):
     root, report, page = ran
     ok = [r["path"] for r in read_report(report) if r["status"] == "ok"]
