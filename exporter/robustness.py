@@ -38,6 +38,11 @@ from .datasets import build_dataset
 SETS = ("clean", *sorted(corrupt.WARD), "ward_mix")
 
 
+def ctrs(boxes: np.ndarray) -> np.ndarray:
+    """Heart width / thorax width of ``[N, 8]`` normalized boxes."""
+    return (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 6] - boxes[:, 4])
+
+
 def corrupted(images: np.ndarray, masks: np.ndarray, keys: list[str], kind: str, seed: int):
     """The validation films with one corruption (or a mix), and their boxes from the moved masks."""
     out_images, out_masks = [], []
@@ -62,7 +67,7 @@ def score_set(model: BoxModel, policy: Policy, images: np.ndarray, truth: np.nda
             records.append(measure("", header, prediction, model.info.model_id, policy))
     measured = np.array([r.ok for r in records])
     ctr = np.array([r.ctr if r.ok else np.nan for r in records])
-    true_ctr = (truth[:, 2] - truth[:, 0]) / (truth[:, 6] - truth[:, 4])
+    true_ctr = ctrs(truth)
     err = np.abs(ctr - true_ctr)
     flagged = np.array([bool(r.review) for r in records])
     m = measured

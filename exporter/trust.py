@@ -241,6 +241,7 @@ def main(argv=None) -> int:
 
     from . import content
     from .export import set_metadata
+    from .robustness import ctrs
 
     p = argparse.ArgumentParser(prog="trust-onnx", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="ONNX model written by export-onnx or quantize-onnx")
@@ -292,7 +293,7 @@ def main(argv=None) -> int:
     val_items = [by_key[k] for k in np.array(val.groups)[clean]]
     truth = np.stack([i.boxes for i in val_items])
     pred, spread = fit["val"][C.OUTPUT_NAME][clean], fit["val"]["uncertainty"][clean]
-    err = np.abs(_ctr(pred) - _ctr(truth))
+    err = np.abs(ctrs(pred) - ctrs(truth))
     raw = ctr_sd(pred, spread)
     factor = float(np.median(err / raw) / 0.6745)
     review_uncertainty = choose_review_cut(session, films, split["val"], by_key, size, factor, args.seed + 1)
@@ -331,7 +332,7 @@ def choose_review_cut(session, films, keys, by_key, size, factor, seed, max_flag
     from heartbatch import contract as C
 
     from .datasets import build_dataset
-    from .robustness import SETS, corrupted
+    from .robustness import SETS, corrupted, ctrs
 
     data = build_dataset([by_key[k] for k in keys], size)
     images, masks = data.images[:, 0].numpy(), data.masks.numpy()
@@ -339,15 +340,11 @@ def choose_review_cut(session, films, keys, by_key, size, factor, seed, max_flag
     for kind in SETS:
         x, truth = corrupted(images, masks, data.keys, kind, seed)
         out = run_outputs(session, list(x), [C.OUTPUT_NAME, "uncertainty"])
-        errors.append(np.abs(_ctr(out[C.OUTPUT_NAME]) - _ctr(truth)))
+        errors.append(np.abs(ctrs(out[C.OUTPUT_NAME]) - ctrs(truth)))
         sds.append(ctr_sd(out[C.OUTPUT_NAME], out["uncertainty"]) * factor)
     err, sd = np.concatenate(errors), np.concatenate(sds)
     good = sd[err <= 0.05]
     return float(np.quantile(good, 1 - max_flagged))
-
-
-def _ctr(boxes: np.ndarray) -> np.ndarray:
-    return (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 6] - boxes[:, 4])
 
 
 def _strip(model: onnx.ModelProto) -> onnx.ModelProto:

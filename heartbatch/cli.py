@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .argtypes import positive_int, probability, ratio
 
 EXIT_OK, EXIT_USAGE, EXIT_MODEL, EXIT_NOTHING = 0, 2, 3, 4
 
@@ -19,20 +20,6 @@ def _fail(console, message: str, label: str = "error") -> None:
     from rich.markup import escape
 
     console.print(f"[red]{label}:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 2:
-        raise argparse.ArgumentTypeError("must be between 0 and 2 (e.g. 0.5)")
-    return value
 
 
 def _add_run(sub) -> None:
@@ -60,14 +47,14 @@ def _add_run(sub) -> None:
 def _add_common(p) -> None:
     p.add_argument("--out", required=True, type=Path, help="report CSV to write (e.g. report.csv)")
     p.add_argument("--model", type=Path, help="ONNX model (default: the model shipped with heartbatch)")
-    p.add_argument("--batch-size", type=_positive_int, default=16,
+    p.add_argument("--batch-size", type=positive_int, default=16,
                    help="rows written to the report together, and files per Dask task (16)")
     p.add_argument("--workers", type=int,
                    help="worker processes, each reading and measuring files (default: one per CPU core; "
                         "0: all in this process)")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--threads", type=positive_int,
                    help="onnxruntime threads per model (default: CPU cores / worker processes)")
-    p.add_argument("--ctr-threshold", type=_ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
+    p.add_argument("--ctr-threshold", type=ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
     _add_content_check(p)
     p.add_argument("--include-patient-id", action="store_true",
                    help="add patient_id and accession_number columns (off by default: no identifiers)")
@@ -145,7 +132,7 @@ def _add_report(sub) -> None:
                     "table of studies. The DICOM files are read again from the paths in the report.")
     p.add_argument("report", type=Path, metavar="REPORT", help="report CSV written by `heartbatch run`")
     p.add_argument("--html", type=Path, metavar="FILE", help="HTML file to write (default: <report>.html)")
-    p.add_argument("--ctr-threshold", type=_ratio,
+    p.add_argument("--ctr-threshold", type=ratio,
                    help="CTR above this is flagged (default: the run's, from <report>.summary.json, else 0.50)")
     p.add_argument("--sample", type=int, default=12,
                    help="thumbnails of studies that are not flagged, spread over the CTR range (12)")
@@ -153,7 +140,7 @@ def _add_report(sub) -> None:
 
 
 def _add_content_check(p) -> None:
-    p.add_argument("--min-chest-score", type=_ratio,
+    p.add_argument("--min-chest-score", type=probability,
                    help="films whose content check scores below this are skipped, not measured "
                         "(default: the model's recommended threshold, see MODEL_CARD.md)")
     p.add_argument("--no-content-check", dest="content_check", action="store_false",
@@ -175,11 +162,11 @@ def _add_show(sub) -> None:
     p.add_argument("--model", type=Path, help="ONNX model (default: the model shipped with heartbatch)")
     p.add_argument("--explain", action="store_true",
                    help="blend an occlusion-sensitivity map (runs the model about 200 more times)")
-    p.add_argument("--size", type=_positive_int, default=1024,
+    p.add_argument("--size", type=positive_int, default=1024,
                    help="longer side of the PNG in pixels, never above the original (1024)")
-    p.add_argument("--ctr-threshold", type=_ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
+    p.add_argument("--ctr-threshold", type=ratio, default=0.5, help="CTR above this is 'enlarged' (0.50)")
     _add_content_check(p)
-    p.add_argument("--threads", type=_positive_int, help="onnxruntime threads (default: one per core)")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: one per core)")
     p.set_defaults(func=cmd_show)
 
 

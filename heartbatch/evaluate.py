@@ -14,14 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+from .argtypes import positive_int
 
 
 def add_parser(sub) -> None:
@@ -33,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", type=Path, help="split.json from training: evaluate its 'val' images only")
     p.add_argument("--model", type=Path, help="ONNX model (default: the shipped model)")
     p.add_argument("--ctr-threshold", type=float, default=0.5)
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per inference batch (16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per inference batch (16)")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .confidence import Policy, Prediction, ctr_uncertainty, refusal, review_reasons
 from .dicom import DicomHeader
-
-if TYPE_CHECKING:
-    from .confidence import Policy, Prediction
 
 OK, SKIPPED, ERROR = "ok", "skipped", "error"
 
@@ -43,10 +40,9 @@ class Record:
         return self.status == OK
 
 
-def measure(path: str, header: DicomHeader, prediction: "Prediction", model_id: str, policy: "Policy") -> Record:
+def measure(path: str, header: DicomHeader, prediction: Prediction, model_id: str, policy: Policy) -> Record:
     """One image's model outputs -> a complete record: skipped by its content, measured (and
     perhaps flagged for review), or an error."""
-    from .confidence import box_problems, ctr_uncertainty, refusal, review_reasons
     from .geometry import ctr as ctr_of, to_pixels, width
 
     boxes = np.asarray(prediction.boxes, dtype=np.float64)

@@ -244,3 +244,9 @@ def test_the_run_summary_shows_the_flagged_count(tmp_path, data_dir, capsys):
     assert cli.main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "report.csv"), "--workers", "0"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "flagged for review" in err and "1 measurements, not in the CTR statistics" in err
+
+
+def test_min_chest_score_must_be_a_probability(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", str(tmp_path), "--out", str(tmp_path / "r.csv"), "--min-chest-score", "1.5"])
+    assert exc.value.code == 2 and "between 0 and 1" in capsys.readouterr().err

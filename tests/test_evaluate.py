@@ -13,6 +13,7 @@ from heartbatch.cli import main
 from heartbatch.metrics import agreement, box_metrics
 
 import onnx_models as M
+from split_cases import assert_refused, bad_splits, write_split
 
 
 def test_box_metrics_hand_case():
@@ -118,28 +119,14 @@ def test_evaluate_with_a_box_csv_over_dicoms(tmp_path, capsys):
 
 # --- errors: exit status and message on stderr, never an internal error ------------------------
 
-@pytest.mark.parametrize("content, says", [
-    pytest.param("{not json", "not JSON", id="not-json"),
-    pytest.param("[1, 2]", "not a split file", id="a-list"),
-    pytest.param('{"train": ["set/a.png"]}', "not a split file", id="no-val"),
-    pytest.param('{"train": "set/a.png", "val": ["set/b.png"]}', "not a split file", id="train-a-string"),
-    pytest.param('{"train": ["set/a.png"], "val": ["set/a.png"]}', "in both 'train' and 'val'", id="overlap"),
-    pytest.param('{"train": ["set/a.png"], "val": ["other/b.png"]}', "not in the data", id="unknown-image"),
-    pytest.param(None, "cannot read the split file", id="missing-file"),
-])
+@pytest.mark.parametrize("content, says", bad_splits("set/a.png"))
 def test_evaluate_refuses_a_bad_split_file(tiny_cxr, tmp_path, capsys, content, says):
     model = M.constant_box_model(tmp_path / "const.onnx")
-    split = tmp_path / "split.json"
-    if content is not None:
-        split.write_text(content)
+    split = write_split(tmp_path / "split.json", content)
     out = tmp_path / "m.json"
     code = main(["evaluate", "--data", str(tiny_cxr), "--model", str(model), "--split", str(split),
                  "--json", str(out)])
-    captured = capsys.readouterr()
-    err = " ".join(captured.err.split())
-    assert code == 2, err
-    assert str(split) in err and says in err, err
-    assert "internal error" not in err
+    captured = assert_refused(code, capsys, split, says)
     assert captured.out == "" and not out.exists()
 
 

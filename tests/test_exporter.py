@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from dicom_factory import write_dicom
+from split_cases import assert_refused, bad_splits, write_split
 from exporter import export
 from exporter.datasets import build_dataset, split_keys
 from exporter.engine import SEG_WEIGHT, box_loss, seg_loss, train_one_epoch
@@ -602,15 +603,6 @@ def test_metrics_log_is_closed_after_training(data_dir, tmp_path):
     assert not [p for p in _open_paths() if p.endswith("metrics.jsonl")], "metrics.jsonl left open"
 
 
-#: (file content, what the message must say) for split files that cannot be used
-BAD_SPLITS = [
-    pytest.param("{not json", "not JSON", id="not-json"),
-    pytest.param("[1, 2]", "not a split file", id="a-list"),
-    pytest.param('{"train": ["jsrt/x.png"]}', "not a split file", id="no-val"),
-    pytest.param('{"train": [], "val": [3]}', "must be strings", id="numbers"),
-    pytest.param('{"train": [], "val": ["jsrt/NOPE.png"]}', "not in the data", id="unknown-image"),
-    pytest.param(None, "cannot read the split file", id="missing-file"),
-]
 
 
 def test_train_split_that_is_not_json_is_refused(data_dir, tmp_path, capsys):
@@ -624,21 +616,16 @@ def test_train_split_that_is_not_json_is_refused(data_dir, tmp_path, capsys):
     assert str(bad) in err and "not JSON" in err, err
 
 
-@pytest.mark.parametrize("content, says", BAD_SPLITS)
+@pytest.mark.parametrize("content, says", bad_splits("jsrt/JPCLN001.png"))
 def test_quantize_refuses_a_bad_split_file(data_dir, tmp_path, capsys, content, says):
     """Exit 2, the file and what is wrong on stderr, nothing written: never 'internal error'."""
     import onnx_models as M
     from exporter import quantize
 
     model = M.constant_box_model(tmp_path / "const.onnx")
-    split = tmp_path / "split.json"
-    if content is not None:
-        split.write_text(content)
+    split = write_split(tmp_path / "split.json", content)
     out = tmp_path / "int8.onnx"
     rc = quantize.main([str(model), "--data", str(_tiny_mask_folder(data_dir, tmp_path, n=4)), "--split", str(split),
                         "--out", str(out)])
-    captured = capsys.readouterr()
-    err = " ".join(captured.err.split())
-    assert rc == 2, err
-    assert str(split) in err and says in err, err
+    assert_refused(rc, capsys, split, says)
     assert not out.exists()
