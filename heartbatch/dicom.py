@@ -36,6 +36,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from . import sanitize
+from .errors import ReadError, Skipped
 
 _PYDICOM_LOG = logging.getLogger("pydicom")
 MAX_PIXELS = 20000 * 20000
@@ -66,25 +67,6 @@ DECODER_PREFERENCE = {
     "1.2.840.10008.1.2.4.91": ("pylibjpeg", "pillow"),     # JPEG 2000
     "1.2.840.10008.1.2.5": ("pylibjpeg", "pydicom"),       # RLE Lossless
 }
-
-
-class _Problem(Exception):
-    """``reason`` is for people; ``code`` (e.g. "not_dicom", "truncated") is for
-    programs, so they never match reason texts."""
-
-    def __init__(self, reason: str, header: "DicomHeader | None" = None, *, code: str):
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
-        self.header = header  # what was read before the problem, for the report row
-
-
-class Skipped(_Problem):
-    """The file is fine but is not a frontal chest radiograph we measure."""
-
-
-class ReadError(_Problem):
-    """The file should be measurable but could not be read or decoded."""
 
 
 @dataclass(frozen=True)

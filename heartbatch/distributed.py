@@ -35,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import sanitize
+from .errors import DistributedError, ExitCode
 from .model import BoxModel, ModelRef, WorkerModelError, worker_model  # noqa: F401 - re-exported
 from .pipeline import ReportSession, RunOptions, RunResult, Runner
 from .records import ERROR, Record
@@ -45,15 +46,6 @@ MIN_IN_FLIGHT = 4
 REFRESH_SECONDS = 5.0         # how often the client re-reads the cluster size (adaptive clusters grow)
 RETRIES = 1                   # Dask retries of a task that raised (a transient error)
 CRASH_REASON = "the decoder crashed on this file (worker process died)"
-
-
-class DistributedError(Exception):
-    """The cluster cannot be used (bad address, no connection, Dask missing, model not found on a
-    worker); says what to do. ``exit_code`` is the CLI's exit status for it."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # --- the scheduler address ------------------------------------------------------
@@ -308,7 +300,7 @@ def _drive(client, chunks: Iterator[list[str]], ref: ModelRef, options: RunOptio
                                            "restarted?); the rows written so far are kept: run the same command "
                                            "again to continue") from None
                 if isinstance(exc, WorkerModelError):
-                    raise DistributedError(str(exc), exit_code=3) from None
+                    raise DistributedError(str(exc), exit_code=ExitCode.MODEL) from None
                 if len(chunk) > 1:  # keeps killing workers or raising: find the file, one per task
                     singles.extend([p] for p in chunk)
                 else:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .files import write_atomic
 from .summary import flagged as review_flagged, read_report, summarize, summary_paths
 
 SAMPLE = 12        # thumbnails of studies below the threshold
@@ -393,7 +394,4 @@ def write_html(report: Path, out: Path, threshold: float | None = None, sample: 
     text = build(report, threshold, sample, queue_limit)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_atomic(out, text)

@@ -25,16 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import LabelError, SplitError
 from .geometry import box_from_mask
 from .images import image_size
 
 MASK_THRESHOLD = 127  # masks are anti-aliased 0..255; half-way is the edge
 LEGACY_SIZE = 224
 NAN_BOX = (math.nan,) * 4
-
-
-class LabelError(ValueError):
-    """A label source that cannot be used, with what to fix."""
 
 
 @dataclass
@@ -193,10 +190,6 @@ def load_labels(data: str | Path, labels: str | Path | None = None) -> list[Labe
 
 
 # --- train/validation split files ----------------------------------------------------
-
-class SplitError(LabelError):
-    """A split file that cannot be used: unreadable, not JSON, not train/val lists, or naming
-    images that are not in the data."""
 
 
 SPLIT_SHAPE = "a JSON object with 'train' and 'val' lists of image keys, as heartbatch-train writes to split.json"

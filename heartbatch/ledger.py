@@ -24,12 +24,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LedgerError
+
 SCHEMA_VERSION = "1"
 STALE = "stale: written by an earlier heartbatch"  # a settings value no run has: the file is re-measured
-
-
-class LedgerError(Exception):
-    """The state folder cannot be used with these settings; says what to do."""
 
 
 @dataclass(frozen=True)

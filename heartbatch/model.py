@@ -6,7 +6,6 @@ before any DICOM file is read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -19,13 +18,11 @@ import numpy as np
 
 from . import contract
 from .confidence import Prediction
+from .errors import ContractError, WorkerModelError, first_line
+from .files import sha256_file
 from .pixels import PIPELINE_VERSION
 
 DEFAULT_MODEL_NAME = "heartbox.onnx"
-
-
-class ContractError(Exception):
-    """The model file does not satisfy the heartbatch ONNX contract."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +56,7 @@ def default_model_path() -> Path:
 
 
 def file_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    return sha256_file(path)[:12]
 
 
 def _session(path: Path, threads: int | None):
@@ -80,8 +73,7 @@ def _session(path: Path, threads: int | None):
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ContractError(f"{path}: not a loadable ONNX model ({first[:300]})") from None
+        raise ContractError(f"{path}: not a loadable ONNX model ({first_line(exc, 300)})") from None
 
 
 def _check(session, path: Path) -> ModelInfo:
@@ -184,10 +176,6 @@ class BoxModel:
 
 
 # --- the same model in worker processes ---------------------------------------------
-
-class WorkerModelError(ContractError):
-    """A worker process cannot use the client's model: missing, a different file, or refused."""
-
 
 @dataclass(frozen=True)
 class ModelRef:

@@ -9,8 +9,9 @@ import numpy as np
 
 from .confidence import Policy, Prediction, ctr_uncertainty, refusal, review_reasons
 from .dicom import DicomHeader
+from .errors import Status
 
-OK, SKIPPED, ERROR = "ok", "skipped", "error"
+OK, SKIPPED, ERROR = Status.OK, Status.SKIPPED, Status.ERROR
 
 Box = tuple[float, float, float, float]
 

@@ -11,6 +11,7 @@ import io
 import os
 from pathlib import Path
 
+from .files import replacing
 from .records import Record
 
 COLUMNS = [
@@ -78,14 +79,6 @@ def ledger_key(path: str) -> str:
     return os.path.abspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Report:
     """The report CSV, kept identical to the ledger's rows (in ledger order).
 
@@ -119,14 +112,9 @@ class Report:
             return fh.read(1) == ""
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        with replacing(self.path, durable=True) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
             for chunk in self._expected():
                 fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
 
     def write(self, records: list[Record], fingerprints: dict, settings: str) -> None:
         """Commit a batch to the ledger, then append it to the CSV."""

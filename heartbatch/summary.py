@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import write_atomic
+
 VIEW_ORDER = {"PA": 0, "AP": 1}  # PA preferred: AP magnifies the heart
 HISTOGRAM_EDGES = [round(0.05 * i, 2) for i in range(21)]
 
@@ -220,7 +222,5 @@ def write_summaries(report: Path, threshold: float = 0.5) -> tuple[Path, Path, d
     summary = summarize(report, threshold)
     json_path, md_path = summary_paths(report)
     for path, text in ((json_path, json.dumps(summary, indent=2) + "\n"), (md_path, to_markdown(summary))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, text)
     return json_path, md_path, summary

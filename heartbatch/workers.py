@@ -28,7 +28,8 @@ import numpy as np
 
 from . import sanitize
 from .confidence import Policy
-from .dicom import DicomHeader, ReadError, Skipped, read_dicom
+from .dicom import DicomHeader, read_dicom
+from .errors import FileTimeout, ReadError, Skipped
 from .model import ModelRef, worker_model
 from .pixels import preprocess
 from .records import ERROR, SKIPPED, Record, measure
@@ -43,10 +44,6 @@ class Prepared:
     path: str
     header: DicomHeader
     image: np.ndarray  # S x S model input
-
-
-class FileTimeout(BaseException):
-    """A BaseException, so no library's `except Exception` swallows the time limit."""
 
 
 def _on_alarm(signum, frame):
