@@ -10,25 +10,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 
-from .model import BoxModel
+from .model import BoxModel, shared_model
 from .pipeline import RunOptions, Runner
 from .records import Record
 from .scan import scan
-
-
-@lru_cache(maxsize=4)
-def _cached_model(path: str | None) -> BoxModel:
-    return BoxModel(path)
 
 
 def load_model(model: str | Path | BoxModel | None = None) -> BoxModel:
     """A BoxModel from a path (default: the shipped model); sessions are reused."""
     if isinstance(model, BoxModel):
         return model
-    return _cached_model(str(model) if model is not None else None)
+    return shared_model(model)
 
 
 def predict(path: str | Path, model: str | Path | BoxModel | None = None, threshold: float = 0.5) -> Record:

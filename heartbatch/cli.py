@@ -11,8 +11,8 @@ from pathlib import Path
 
 from . import __version__
 from .argtypes import positive_int, probability, ratio
+from .errors import ExitCode, HeartbatchError, Status, UsageError
 
-EXIT_OK, EXIT_USAGE, EXIT_MODEL, EXIT_NOTHING = 0, 2, 3, 4
 
 
 def _fail(console, message: str, label: str = "error") -> None:
@@ -78,14 +78,14 @@ def _setup_debug_log(args) -> None:
         return
     import logging
 
-    from .summary import debug_log_path
+    from .session import ReportFiles
 
     class _DebugLog(logging.FileHandler):
         def _open(self):  # the report's folder may not exist yet: `run` creates it later
             Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
             return super()._open()
 
-    handler = _DebugLog(debug_log_path(args.out), encoding="utf-8", errors="backslashreplace", delay=True)
+    handler = _DebugLog(ReportFiles.of(args.out).debug_log, encoding="utf-8", errors="backslashreplace", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("heartbatch")
     setattr(handler, _DEBUG_LOG_MARK, logger.level)
@@ -188,13 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(path: Path | None, threads: int | None, console):
-    from .model import BoxModel, ContractError
+    """The model, or ContractError (exit 3); says so when it cannot check content or uncertainty."""
+    from .model import BoxModel
 
-    try:
-        model = BoxModel(path, threads=threads)
-    except ContractError as exc:
-        _fail(console, str(exc), "model refused")
-        return None
+    model = BoxModel(path, threads=threads)
     if not model.info.has_trust:
         console.print(f"[yellow]notice[/]: model {model.info.model_id} has no content check or uncertainty "
                       f"outputs: every film the header checks accept is measured, and the chest_score and "
@@ -202,14 +199,12 @@ def _load_model(path: Path | None, threads: int | None, console):
     return model
 
 
-def _model_changed(console, exc) -> int:
-    """A worker found the model file changed (or gone) after the run had checked it."""
-    _fail(console, f"{exc}; the rows written so far are kept", "model refused")
-    return EXIT_MODEL
-
-
-def _missing_inputs(paths: list[str]) -> list[str]:
-    return [p for p in paths if not Path(p).exists() and not Path(p).is_symlink()]
+def _check_inputs(paths: list, out: Path | None = None) -> None:
+    missing = [str(p) for p in paths if not Path(p).exists() and not Path(p).is_symlink()]
+    if missing:
+        raise UsageError(f"no such file or folder: {', '.join(missing)}")
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as report.csv")
 
 
 def _start_workers_early(paths: list, workers: int | None) -> None:
@@ -225,80 +220,46 @@ def _start_workers_early(paths: list, workers: int | None) -> None:
 def cmd_run(args) -> int:
     from rich.console import Console
 
-    console = Console(stderr=True, quiet=False)
-    missing = _missing_inputs(args.paths)
-    if missing:
-        _fail(console, f"no such file or folder: {', '.join(missing)}")
-        return EXIT_USAGE
-    if args.out.exists() and args.out.is_dir():
-        _fail(console, f"--out {args.out} is a folder; give a file name such as report.csv")
-        return EXIT_USAGE
-    if not args.scheduler:
-        _start_workers_early(args.paths, args.workers)
-    from .distributed import DistributedError, check_scheduler
-
-    if args.scheduler:
-        try:
-            check_scheduler(args.scheduler)
-        except DistributedError as exc:
-            _fail(console, str(exc))
-            return exc.exit_code
-    model = _load_model(args.model, args.threads, console)
-    if model is None:
-        return EXIT_MODEL
-
-    from .ledger import LedgerError
-    from .model import WorkerModelError
     from .pipeline import RunOptions, run
-    from .scan import scan
 
+    console = Console(stderr=True)
+    _check_inputs(args.paths, args.out)
     if args.scheduler:
         from functools import partial
 
-        from .distributed import run as run_on_dask
+        from .distributed import check_scheduler, run as run_on_dask
 
+        check_scheduler(args.scheduler)
         run = partial(run_on_dask, scheduler=args.scheduler)
-
-    options = RunOptions.from_args(args)
-    info = model.info
-    try:
-        result = _run_with_progress(args, model, options, console, scan, run)
-    except LedgerError as exc:
-        _fail(console, f"{exc}")
-        return EXIT_USAGE
-    except DistributedError as exc:
-        _fail(console, str(exc))
-        return exc.exit_code
-    except WorkerModelError as exc:
-        return _model_changed(console, exc)
-    total = result.processed + result.unchanged
+    else:
+        _start_workers_early(args.paths, args.workers)
+    model = _load_model(args.model, args.threads, console)
+    result = _run_with_progress(args, model, RunOptions.from_args(args), console, run)
     html = None
     if args.html is not None:
         from .html_report import write_html
 
         html = write_html(args.out, args.html, args.ctr_threshold)
+    total = result.processed + result.unchanged
     if args.quiet:
         print(json.dumps({"report": str(result.report), "summary_json": str(result.summary_json),
                           "summary_md": str(result.summary_md), **({"html": str(html)} if html else {}),
-                          "model_id": info.model_id,
+                          "model_id": model.info.model_id,
                           "files": total, "processed": result.processed, "unchanged": result.unchanged,
                           **result.counts, "seconds": round(result.seconds, 3)}))
     else:
-        print_summary(console, result, info)
+        print_summary(console, result, model.info)
         if html is not None:
             console.print(f"HTML report: {html}", highlight=False)
-    if total == 0 or result.counts["error"] == total:
+    if total == 0 or result.counts[Status.ERROR] == total:
         if not args.quiet:
             console.print("[red]nothing could be read[/red]: no files found, or every file failed")
-        return EXIT_NOTHING
-    return EXIT_OK
+        return ExitCode.NOTHING
+    return ExitCode.OK
 
 
-def _run_with_progress(args, model, options, console, scan, run):
+def _run_with_progress(args, model, options, console, run):
     """run() with a rich progress bar (rate, ETA), or silently with --quiet."""
-    from .ledger import state_dir_for
-    from .summary import debug_log_path, summary_paths
-
     kwargs = {"state_dir": args.state, "force": args.force}
     if args.quiet:
         return run(args.paths, args.out, model, options, **kwargs)
@@ -308,12 +269,10 @@ def _run_with_progress(args, model, options, console, scan, run):
     info = model.info
     console.print(f"model {info.path.name} [dim]({info.model_id}, input {info.input_size}px, "
                   f"{'heart + thorax' if info.has_thorax else 'heart only: no CTR'})[/dim]")
-    outputs = [args.out, *summary_paths(args.out), debug_log_path(args.out), args.state or state_dir_for(args.out)]
-    total = sum(1 for _ in scan(args.paths, exclude=outputs))
     columns = [TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("run", total=total, rate="")
+        task = progress.add_task("run", total=None, rate="")
 
         def advance(records):
             progress.advance(task, len(records))
@@ -321,7 +280,8 @@ def _run_with_progress(args, model, options, console, scan, run):
             progress.update(task, rate=f"{speed:.1f} files/s" if speed else "")
 
         return run(args.paths, args.out, model, options, on_records=advance,
-                   on_unchanged=lambda: progress.advance(task), **kwargs)
+                   on_unchanged=lambda: progress.advance(task),
+                   on_total=lambda n: progress.update(task, total=n), **kwargs)
 
 
 def cmd_watch(args) -> int:
@@ -330,13 +290,9 @@ def cmd_watch(args) -> int:
     console = Console(stderr=True)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
-        _fail(console, f"not a folder: {', '.join(missing)}")
-        return EXIT_USAGE
+        raise UsageError(f"not a folder: {', '.join(missing)}")
     _start_workers_early(args.dirs, args.workers)
     model = _load_model(args.model, args.threads, console)
-    if model is None:
-        return EXIT_MODEL
-    from .ledger import LedgerError
     from .pipeline import RunOptions
     from .watch import WatchOptions, Watcher
 
@@ -345,7 +301,7 @@ def cmd_watch(args) -> int:
 
     def report(records):
         if not args.quiet:
-            counts = {s: sum(r.status == s for r in records) for s in ("ok", "skipped", "error")}
+            counts = {s: sum(r.status == s for r in records) for s in Status}
             console.print(f"{time.strftime('%H:%M:%S')} wrote {len(records)} rows ("
                           + ", ".join(f"{k} {v}" for k, v in counts.items() if v) + ")", highlight=False)
 
@@ -354,77 +310,60 @@ def cmd_watch(args) -> int:
             console.print(f"{time.strftime('%H:%M:%S')} caught up ({present} files present at start); "
                           "waiting for new files", highlight=False)
 
-    try:
-        watcher = Watcher(args.dirs, args.out, model, options, wopts, args.state, on_records=report,
-                          on_caught_up=caught_up)
-    except LedgerError as exc:
-        _fail(console, f"{exc}")
-        return EXIT_USAGE
+    watcher = Watcher(args.dirs, args.out, model, options, wopts, args.state, on_records=report,
+                      on_caught_up=caught_up)
     if not args.quiet:
         console.print(f"watching {', '.join(map(str, args.dirs))} -> {args.out} "
                       f"(model {model.info.model_id}; Ctrl-C to stop)", highlight=False)
-    from .model import WorkerModelError
-
-    try:
-        code = watcher.run()
-    except WorkerModelError as exc:
-        return _model_changed(console, exc)
+    code = watcher.run()
     if not args.quiet:
         console.print(f"stopped; {watcher.processed} rows written this session")
     return code
 
 
 def cmd_report(args) -> int:
-    from rich.console import Console
-
     from .html_report import write_html
     from .report import COLUMNS
 
-    console = Console(stderr=True)
     if not args.report.is_file():
-        _fail(console, f"no such report: {args.report}")
-        return EXIT_USAGE
+        raise UsageError(f"no such report: {args.report}")
     with open(args.report, encoding="utf-8", errors="replace") as fh:
         header = fh.readline().strip().split(",")
     first = COLUMNS[:COLUMNS.index("model_id") + 1]  # reports of earlier versions end there
     if header[:len(first)] != first:
-        _fail(console, f"{args.report} is not a heartbatch report (its columns differ)")
-        return EXIT_USAGE
+        raise UsageError(f"{args.report} is not a heartbatch report (its columns differ)")
     out = args.html or args.report.with_suffix(".html")
     write_html(args.report, out, args.ctr_threshold, sample=max(0, args.sample))
     print(out)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_show(args) -> int:
     from rich.console import Console
 
     from .confidence import Policy
-    from .dicom import ReadError, Skipped, read_dicom
+    from .dicom import read_dicom
+    from .errors import FileProblem
     from .overlay import Marks, draw_marks, to_rgb
     from .pixels import display, preprocess
     from .records import measure
 
     console = Console(stderr=True)
     if not args.file.is_file():
-        _fail(console, f"no such file: {args.file}")
-        return EXIT_USAGE
+        raise UsageError(f"no such file: {args.file}")
     model = _load_model(args.model, args.threads, console)
-    if model is None:
-        return EXIT_MODEL
     info = model.info
     try:
         dicom = read_dicom(args.file)
-    except (Skipped, ReadError) as exc:
-        kind = "skipped" if isinstance(exc, Skipped) else "error"
-        _fail(console, f"{args.file}: {exc.reason}", kind)
-        return EXIT_NOTHING
+    except FileProblem as exc:
+        _fail(console, f"{args.file}: {exc.reason}", str(exc.status))
+        return ExitCode.NOTHING
     model_input = preprocess(dicom.image, info.input_size)
     policy = Policy.for_model(info.metadata, args.ctr_threshold, args.content_check, args.min_chest_score)
     record = measure(str(args.file), dicom.header, model.infer(model_input[None])[0], info.model_id, policy)
     if not record.ok:
         _fail(console, f"{args.file}: {record.reason}")
-        return EXIT_NOTHING
+        return ExitCode.NOTHING
     rows, columns = dicom.image.shape
     image = to_rgb(display(dicom.image, args.size))
     note = ""
@@ -451,7 +390,7 @@ def cmd_show(args) -> int:
 
         console.print(f"[bold yellow]review:[/] {escape(record.review_reason or 'check this measurement')}",
                       highlight=False)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def print_summary(console, result, info) -> None:
@@ -484,18 +423,34 @@ def print_summary(console, result, info) -> None:
     console.print(table)
 
 
+def _explain(exc: HeartbatchError) -> None:
+    """A stopping error as one labelled line on stderr; its class says which label and exit code."""
+    from rich.console import Console
+
+    from .errors import ContractError, WorkerModelError
+
+    message = str(exc)
+    if isinstance(exc, WorkerModelError):  # the model changed under a run that had checked it
+        message += "; the rows written so far are kept"
+    _fail(Console(stderr=True), message, "model refused" if isinstance(exc, ContractError) else "error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run the command, and map what it raised to an exit status (ExitCode), here only."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return EXIT_USAGE
+        return ExitCode.USAGE
     _setup_debug_log(args)
     try:
         return args.func(args)
+    except HeartbatchError as exc:
+        _explain(exc)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a bug must not dump a traceback on a user
         import logging
 
@@ -503,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"heartbatch: internal error: {type(exc).__name__}: {exc}"
               + ("" if getattr(args, "debug", False) else " (run with --debug for the full trace)"),
               file=sys.stderr)
-        return 1
+        return ExitCode.INTERNAL
     finally:
         _close_debug_log()
 

@@ -26,8 +26,10 @@ class Status(str, Enum):
     SKIPPED = "skipped"
     ERROR = "error"
 
+    # as its text in CSV cells, f-strings and dict keys (Enum would hash and print its name)
     __str__ = str.__str__
     __format__ = str.__format__
+    __hash__ = str.__hash__
 
 
 class HeartbatchError(Exception):
@@ -39,6 +41,10 @@ class HeartbatchError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = ExitCode(exit_code)
+
+
+class UsageError(HeartbatchError):
+    """The command line names something that cannot be used (a missing input, a folder as --out)."""
 
 
 class ContractError(HeartbatchError):

@@ -87,19 +87,20 @@ def _error(message: str) -> None:
 def cmd_evaluate(args) -> int:
     """Errors go to stderr: exit 2 for bad labels or a bad --split file, 3 for a model
     refused, 4 when no labeled image is left to evaluate."""
-    from .labels import LabelError, SplitError, load_labels, read_split
-    from .model import BoxModel, ContractError
+    from .errors import ContractError, ExitCode, LabelError, SplitError
+    from .labels import load_labels, read_split
+    from .model import BoxModel
 
     try:
         model = BoxModel(args.model)
     except ContractError as exc:
         _error(f"model refused: {exc}")
-        return 3
+        return ExitCode.MODEL
     try:
         items = load_labels(args.data, args.labels)
     except (LabelError, OSError, KeyError, ValueError) as exc:
         _error(f"error: cannot read labels: {exc}")
-        return 2
+        return ExitCode.USAGE
     if args.split:
         try:
             split = read_split(args.split, [i.key for i in items],
@@ -107,12 +108,12 @@ def cmd_evaluate(args) -> int:
                                     "the split was made from")
         except SplitError as exc:
             _error(f"error: --split {exc}")
-            return 2
+            return ExitCode.USAGE
         wanted = set(split["val"])
         items = [i for i in items if i.key in wanted]
     if not items:
         _error("error: no labeled images found" + (f" in the 'val' list of {args.split}" if args.split else ""))
-        return 4
+        return ExitCode.NOTHING
     metrics = evaluate(model, items, args.ctr_threshold, args.batch_size)
     print(f"model {model.info.path.name} ({model.info.model_id}) on {args.data}"
           + (f" [val split of {args.split}]" if args.split else ""))
@@ -121,4 +122,4 @@ def cmd_evaluate(args) -> int:
         args.json.write_text(json.dumps({"model_id": model.info.model_id, "data": str(args.data),
                                          "split": str(args.split) if args.split else None,
                                          "metrics": metrics}, indent=2) + "\n")
-    return 0
+    return ExitCode.OK

@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .errors import Status
 from .files import write_atomic
-from .summary import flagged as review_flagged, read_report, summarize, summary_paths
+from .session import ReportFiles
+from .summary import flagged as review_flagged, read_report, summarize
 
 SAMPLE = 12        # thumbnails of studies below the threshold
 THUMB_SIDE = 320   # longer side of a thumbnail, pixels
@@ -98,7 +100,7 @@ def _data_uri(data: bytes, mime: str) -> str:
 
 def saved_threshold(report: Path) -> float | None:
     """The threshold the run used, from ``<report>.summary.json`` when it is there."""
-    path = summary_paths(report)[0]
+    path = ReportFiles.of(report).summary_json
     try:
         return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -199,12 +201,12 @@ def _figure(item: dict, row: dict, uri: str | None, why: str, anchor: str) -> st
 
 def refused_by_content(row: dict) -> bool:
     """A file the content check skipped: its header passed, so its picture shows why."""
-    return row["status"] == "skipped" and bool(row.get("chest_score") or row["reason"].startswith(CONTENT_CHECK))
+    return row["status"] == Status.SKIPPED and bool(row.get("chest_score") or row["reason"].startswith(CONTENT_CHECK))
 
 
 def _review_queue(queue: list[dict], report: Path, threshold: float, anchors: dict, limit: int) -> str:
     """Every flagged measurement, then every content-check refusal: the first thing to look at."""
-    n_review = sum(r["status"] == "ok" for r in queue)
+    n_review = sum(r["status"] == Status.OK for r in queue)
     head = (f"<h2 id='review'>Review queue: {n_review} measurements flagged for review, "
             f"{len(queue) - n_review} films refused by the content check</h2>")
     if not queue:
@@ -229,7 +231,7 @@ def _number(cell: str | None) -> float | None:
 
 def _review_figure(row: dict, uri: str | None, why: str, anchor: str) -> str:
     ctr, sd = _number(row.get("ctr")), _number(row.get("uncertainty"))
-    if row["status"] == "ok":
+    if row["status"] == Status.OK:
         head = f"CTR {_fmt(ctr)}" + (f" ± {sd:.3f}" if sd is not None else "")
         reason = row.get("review_reason") or "flagged for review"
     else:
@@ -249,14 +251,14 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, qu
     summary = summarize(report, threshold)
     table = read_report(report)
     rows = {r["path"]: r for r in table}
-    queue = ([r for r in table if r["status"] == "ok" and review_flagged(r)]
+    queue = ([r for r in table if r["status"] == Status.OK and review_flagged(r)]
              + [r for r in table if refused_by_content(r)])
     queue_anchors = {r["path"]: f"rq{i}" for i, r in enumerate(queue[:queue_limit])}
     studies = summary["studies"]["items"]
     if not studies and not summary["studies"]["review_only"]:  # heart-only model (no CTR): still show some
         studies = [{"path": p, "ctr": None, "enlarged": None, "study_instance_uid": r["study_instance_uid"],
                     "study_date": r["study_date"], "view_position": r["view_position"], "images": 1, "review": 0}
-                   for p, r in rows.items() if r["status"] == "ok" and not review_flagged(r)]
+                   for p, r in rows.items() if r["status"] == Status.OK and not review_flagged(r)]
     ordered = sorted(studies, key=lambda s: (not s["enlarged"], -(s["ctr"] or 0), s["path"]))
     flagged = [s for s in ordered if s["enlarged"]]
     shown = flagged + _sample([s for s in ordered if not s["enlarged"]], sample)
@@ -269,7 +271,7 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, qu
         figures.append(_figure(item, row, uri, why, anchors[item["path"]]))
 
     hist = histogram_png(np.array([float(r["ctr"]) for r in rows.values()
-                                   if r["status"] == "ok" and r["ctr"] and not review_flagged(r)],
+                                   if r["status"] == Status.OK and r["ctr"] and not review_flagged(r)],
                                   dtype=np.float64), threshold)
     parts = [_header(summary, report), _review_queue(queue, report, threshold, queue_anchors, queue_limit),
              "<div class='top'>", _cards(summary)]

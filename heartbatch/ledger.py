@@ -53,8 +53,9 @@ def _upgradable(old: list[str], new: list[str]) -> bool:
     return [c for c in new if c in old] == old and all(c in COLUMNS for c in new if c not in old)
 
 
-def state_dir_for(report: Path) -> Path:
-    return report.with_name(report.name + ".state")
+def key_of(path: str) -> str:
+    """Files are known by absolute path, so `run studies` and `run ./studies` agree."""
+    return os.path.abspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class Ledger:

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -190,8 +191,56 @@ class ModelRef:
         return cls(str(path), model.info.model_id, path == default_model_path().resolve())
 
 
-_MODELS: dict[tuple[str, str], BoxModel] = {}
-_MODELS_LOCK = threading.Lock()
+class _Loaded:
+    """The models this process has loaded, by (resolved path, content hash): the one cache for
+    worker processes, the client's own copy and the Python API. Bounded (least recently used
+    goes), so a long-lived process (watch, a Dask worker, a notebook) does not pin every model
+    it ever used."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.lock = threading.Lock()
+        self.models: OrderedDict[tuple[str, str], BoxModel] = OrderedDict()
+        self.ids: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> content hash
+
+    def get(self, key: tuple[str, str], load=None) -> BoxModel | None:
+        with self.lock:
+            model = self.models.get(key)
+            if model is None and load is not None:
+                model = self.put(key, load())
+            elif model is not None:
+                self.models.move_to_end(key)
+            return model
+
+    def put(self, key: tuple[str, str], model: BoxModel) -> BoxModel:
+        """(Caller holds the lock when called from get.)"""
+        self.models[key] = model
+        self.models.move_to_end(key)
+        while len(self.models) > self.size:
+            self.models.popitem(last=False)
+        return model
+
+
+_LOADED = _Loaded()
+
+
+def shared_model(path: str | Path | None = None) -> BoxModel:
+    """The model at ``path`` (default: the shipped one), loaded once while its file is unchanged."""
+    path = Path(path).resolve() if path is not None else default_model_path().resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return BoxModel(path)  # let BoxModel say what is wrong with the path
+    stamp = (str(path), stat.st_size, stat.st_mtime_ns)
+    model_id = _LOADED.ids.get(stamp)
+    if model_id is not None:
+        model = _LOADED.get((str(path), model_id))
+        if model is not None:
+            return model
+    model = BoxModel(path)
+    _LOADED.ids[stamp] = model.info.model_id
+    with _LOADED.lock:
+        return _LOADED.put((str(path), model.info.model_id), model)
 
 
 def _where() -> str:
@@ -206,20 +255,16 @@ def _where() -> str:
 def remember(model: BoxModel) -> ModelRef:
     """Register an already loaded model, so this process never loads its file twice."""
     ref = ModelRef.of(model)
-    with _MODELS_LOCK:
-        _MODELS.setdefault((ref.path, ref.model_id), model)
+    key = (ref.path, ref.model_id)
+    with _LOADED.lock:
+        if key not in _LOADED.models:
+            _LOADED.put(key, model)
     return ref
 
 
 def worker_model(ref: ModelRef, threads: int | None = None) -> BoxModel:
     """The model, loaded once per process and kept; refused unless it is the client's file."""
-    key = (ref.path, ref.model_id)
-    with _MODELS_LOCK:
-        model = _MODELS.get(key)
-        if model is None:
-            model = _load_model(ref, threads)
-            _MODELS[key] = model
-        return model
+    return _LOADED.get((ref.path, ref.model_id), lambda: _load_model(ref, threads))
 
 
 def _load_model(ref: ModelRef, threads: int | None) -> BoxModel:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .files import replacing
+from .ledger import key_of
 from .records import Record
 
 COLUMNS = [
@@ -74,11 +75,6 @@ def header_line(include_patient_id: bool = False) -> str:
     return ",".join(columns(include_patient_id)) + "\n"
 
 
-def ledger_key(path: str) -> str:
-    """Files are known by absolute path, so `run studies` and `run ./studies` agree."""
-    return os.path.abspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 class Report:
     """The report CSV, kept identical to the ledger's rows (in ledger order).
 
@@ -121,7 +117,7 @@ class Report:
         if not records:
             return
         rows = [format_rows([r], self.include_patient_id) for r in records]
-        replaced = self.ledger.commit((ledger_key(r.path), fingerprints[r.path], settings, row)
+        replaced = self.ledger.commit((key_of(r.path), fingerprints[r.path], settings, row)
                                       for r, row in zip(records, rows))
         self._stale |= replaced > 0
         self._fh.write("".join(rows))

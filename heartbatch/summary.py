@@ -19,20 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import Status
 from .files import write_atomic
+from .session import ReportFiles
 
 VIEW_ORDER = {"PA": 0, "AP": 1}  # PA preferred: AP magnifies the heart
 HISTOGRAM_EDGES = [round(0.05 * i, 2) for i in range(21)]
-
-
-def summary_paths(report: Path) -> tuple[Path, Path]:
-    stem = report.with_suffix("") if report.suffix else report
-    return Path(f"{stem}.summary.json"), Path(f"{stem}.summary.md")
-
-
-def debug_log_path(report: Path) -> Path:
-    stem = report.with_suffix("") if report.suffix else report
-    return Path(f"{stem}.debug.log")
 
 
 def read_report(report: Path) -> list[dict[str, str]]:
@@ -130,10 +122,10 @@ def per_study(ok: list[dict[str, str]], threshold: float) -> tuple[list[dict], l
 
 def summarize(report: Path, threshold: float = 0.5) -> dict:
     rows = read_report(report)
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == Status.OK]
     measured = [r for r in ok if not flagged(r)]
     review = [r for r in ok if flagged(r)]
-    reasons = Counter((r["status"], r["reason"]) for r in rows if r["status"] != "ok")
+    reasons = Counter((r["status"], r["reason"]) for r in rows if r["status"] != Status.OK)
     ctr = np.array([_ctr(r) for r in measured], dtype=np.float64)
     views = np.array([r["view_position"] or "unknown" for r in measured], dtype=object)
     review_views = Counter(r["view_position"] or "unknown" for r in review)
@@ -145,7 +137,7 @@ def summarize(report: Path, threshold: float = 0.5) -> dict:
         "threshold": threshold,
         "files": {
             "total": len(rows),
-            "by_status": {s: statuses[s] for s in ("ok", "skipped", "error")},
+            "by_status": {str(s): statuses[s] for s in Status},
             "by_reason": [{"status": status, "reason": reason, "count": count}
                           for (status, reason), count in sorted(reasons.items(),
                                                                 key=lambda kv: (-kv[1], *kv[0]))],
@@ -220,7 +212,8 @@ def to_markdown(summary: dict) -> str:
 
 def write_summaries(report: Path, threshold: float = 0.5) -> tuple[Path, Path, dict]:
     summary = summarize(report, threshold)
-    json_path, md_path = summary_paths(report)
+    files = ReportFiles.of(report)
+    json_path, md_path = files.summary_json, files.summary_md
     for path, text in ((json_path, json.dumps(summary, indent=2) + "\n"), (md_path, to_markdown(summary))):
         write_atomic(path, text)
     return json_path, md_path, summary

@@ -32,9 +32,10 @@ from watchdog.events import FileSystemEventHandler
 
 from .ledger import Fingerprint
 from .model import BoxModel
-from .pipeline import ReportSession, RunOptions, Runner
+from .pipeline import RunOptions, Runner
 from .records import ERROR, SKIPPED, Record
 from .scan import scan
+from .session import ReportSession
 
 #: Names that copy tools use while a file is still being written.
 TEMPORARY_NAMES = ("*.part", "*.partial", "*.tmp", "*.crdownload", "*.swp", ".*", "*~")
@@ -112,7 +113,7 @@ class Watcher:
         self._present_at_start = 0
         self._events: queue.Queue[str] = queue.Queue()
         self._pending: dict[str, _Pending] = {}
-        self._excluded = {os.path.realpath(p) for p in self.session.outputs}
+        self._excluded = {os.path.realpath(p) for p in self.session.files.outputs}
         self.processed = 0
 
     # -- what to look at ----------------------------------------------------
@@ -187,7 +188,7 @@ class Watcher:
 
     def catch_up(self) -> None:
         now = time.monotonic()
-        for path in scan(self.dirs, exclude=self.session.outputs):
+        for path in scan(self.dirs, exclude=self.session.files.outputs):
             if not self._excluded_path(str(path)):
                 self._pending[str(path)] = _Pending(Fingerprint.of(path), now - self.wopts.settle)
         self._catching_up = set(self._pending)

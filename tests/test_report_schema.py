@@ -14,9 +14,9 @@ import pytest
 from dicom_factory import brightness_image, write_dicom
 from heartbatch import cli
 from heartbatch.dicom import DicomHeader
-from heartbatch.ledger import state_dir_for
 from heartbatch.records import OK, SKIPPED, Record
 from heartbatch.report import COLUMNS, PATIENT_COLUMNS, columns, format_rows
+from heartbatch.session import ReportFiles
 
 NEW = ["chest_score", "uncertainty", "review", "review_reason"]
 #: The report columns before the content check and the review flag.
@@ -55,7 +55,7 @@ def _downgrade(report: Path) -> None:
         csv.writer(out, lineterminator="\n").writerow(next(csv.reader(io.StringIO(row)))[:len(PREVIOUS)])
         return out.getvalue()
 
-    db = sqlite3.connect(state_dir_for(report) / "ledger.sqlite", isolation_level=None)
+    db = sqlite3.connect(ReportFiles.of(report).state_dir / "ledger.sqlite", isolation_level=None)
     try:
         db.execute("UPDATE meta SET value=? WHERE key='columns'", (json.dumps(PREVIOUS),))
         for path, row in db.execute("SELECT path, row FROM files").fetchall():

@@ -27,9 +27,9 @@ from PIL import Image
 
 from dicom_factory import truncate, write_dicom
 from heartbatch import cli
-from heartbatch.ledger import Ledger, state_dir_for
+from heartbatch.ledger import Ledger
 from heartbatch.report import COLUMNS
-from heartbatch.summary import summary_paths
+from heartbatch.session import ReportFiles
 
 REPO = Path(__file__).resolve().parents[1]
 #: Override to replay another sequence of kill moments: HEARTBATCH_CRASH_SEED=123 pytest ...
@@ -195,7 +195,7 @@ def check_report(report: Path, expected_paths: set[str] | None = None) -> list[d
 
 def check_summary_agrees(report: Path) -> dict:
     rows = check_report(report)
-    summary = json.loads(summary_paths(report)[0].read_text())
+    summary = json.loads(ReportFiles.of(report).summary_json.read_text())
     assert summary["files"]["total"] == len(rows)
     assert summary["files"]["by_status"] == {s: sum(r["status"] == s for r in rows)
                                              for s in ("ok", "skipped", "error")}
@@ -205,7 +205,7 @@ def check_summary_agrees(report: Path) -> dict:
 
 def ledger_count(report: Path) -> int:
     """Rows in the report's ledger (call only while no process writes it)."""
-    db_path = state_dir_for(report) / "ledger.sqlite"
+    db_path = ReportFiles.of(report).state_dir / "ledger.sqlite"
     if not db_path.is_file():
         return 0
     db = sqlite3.connect(db_path)
@@ -244,14 +244,14 @@ def test_second_run_processes_nothing_and_leaves_the_report_byte_identical(chest
     assert (first["processed"], first["unchanged"]) == (13, 0)
     assert (first["ok"], first["skipped"], first["error"]) == (10, 2, 1)
     report_bytes = out.read_bytes()
-    summary_json = summary_paths(out)[0].read_text()
+    summary_json = ReportFiles.of(out).summary_json.read_text()
 
     code, second = run_inprocess(capsys, chest_dir, out, intensity_model)
     assert code == 0
     assert (second["files"], second["processed"], second["unchanged"]) == (13, 0, 13)
     assert (second["ok"], second["skipped"], second["error"]) == (0, 0, 0)
     assert out.read_bytes() == report_bytes
-    assert json.loads(summary_paths(out)[0].read_text()) == json.loads(summary_json)
+    assert json.loads(ReportFiles.of(out).summary_json.read_text()) == json.loads(summary_json)
     check_summary_agrees(out)
 
 
@@ -351,8 +351,6 @@ def test_repeated_runs_in_one_process_keep_one_debug_log_handler(chest_dir, inte
     once per call and removed (and closed) on return, so no run writes into another's debug log."""
     import logging
 
-    from heartbatch.summary import debug_log_path
-
     logger = logging.getLogger("heartbatch")
     handlers, level = list(logger.handlers), logger.level
     reports = [tmp_path / f"run{i}" / "report.csv" for i in range(3)]
@@ -361,7 +359,7 @@ def test_repeated_runs_in_one_process_keep_one_debug_log_handler(chest_dir, inte
                          "--workers", "0", "--threads", "1", "--quiet", "--debug"]) == 0
         assert logger.handlers == handlers and logger.level == level
     capsys.readouterr()
-    mentions = [debug_log_path(r).read_text().count("cut.dcm") for r in reports]
+    mentions = [ReportFiles.of(r).debug_log.read_text().count("cut.dcm") for r in reports]
     assert mentions[0] > 0 and mentions == [mentions[0]] * 3, mentions
 
 
@@ -369,7 +367,7 @@ def test_repeated_runs_in_one_process_keep_one_debug_log_handler(chest_dir, inte
 
 def test_second_writer_fails_fast_while_the_report_is_locked(chest_dir, intensity_model, tmp_path, procs):
     out = tmp_path / "report.csv"
-    holder = Ledger(state_dir_for(out))  # what a running `heartbatch run` holds
+    holder = Ledger(ReportFiles.of(out).state_dir)  # what a running `heartbatch run` holds
     try:
         # the holder keeps the lock until the refused run has exited: a run that waited for the lock
         # would never exit, and procs.run fails the test at its (generous) timeout

@@ -35,11 +35,10 @@ import pytest
 
 from dicom_factory import write_dicom
 from heartbatch import cli
-from heartbatch.ledger import state_dir_for
 from heartbatch.model import BoxModel
 from heartbatch.pipeline import RunOptions
 from heartbatch.records import Record
-from heartbatch.summary import summary_paths
+from heartbatch.session import ReportFiles
 from heartbatch.watch import WatchOptions, Watcher
 from test_resume import (Processes, body_lines, check_report, check_summary_agrees, count_complete_rows, hb,
                          output, thumbnail, write_chests)
@@ -169,7 +168,7 @@ def procs(tmp_path):
 
 
 def ledger_rows(report: Path) -> list[str]:
-    db = sqlite3.connect(f"file:{state_dir_for(report) / 'ledger.sqlite'}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{ReportFiles.of(report).state_dir / 'ledger.sqlite'}?mode=ro", uri=True)
     try:
         return [row for (row,) in db.execute("SELECT row FROM files ORDER BY seq")]
     finally:
@@ -184,7 +183,7 @@ def check_flushed(report: Path) -> None:
 
 def summary_total(report: Path) -> int:
     try:
-        return json.loads(summary_paths(report)[0].read_text())["files"]["total"]
+        return json.loads(ReportFiles.of(report).summary_json.read_text())["files"]["total"]
     except (FileNotFoundError, ValueError):
         return -1
 

@@ -1,0 +1,163 @@
+"""A report and its companion files, opened for writing: the one place they are named.
+
+`run`, `watch` and the Dask runner write a report the same way: open its ledger (the state
+folder), skip files whose row is current, append new rows, then settle the CSV and write the
+summaries. `ReportFiles` names every file that belongs to a report, so scans leave them out and
+no command rebuilds a name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Status
+
+log = logging.getLogger("heartbatch")
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """``report.csv`` and what heartbatch keeps next to it: ``report.summary.json``,
+    ``report.summary.md``, ``report.debug.log`` (with --debug) and ``report.csv.state/`` (the
+    ledger; another folder with --state)."""
+
+    report: Path
+    state_dir: Path
+
+    @classmethod
+    def of(cls, report: Path, state_dir: Path | None = None) -> "ReportFiles":
+        report = Path(report)
+        return cls(report, Path(state_dir) if state_dir else report.with_name(report.name + ".state"))
+
+    @property
+    def _stem(self) -> Path:
+        return self.report.with_suffix("") if self.report.suffix else self.report
+
+    @property
+    def summary_json(self) -> Path:
+        return Path(f"{self._stem}.summary.json")
+
+    @property
+    def summary_md(self) -> Path:
+        return Path(f"{self._stem}.summary.md")
+
+    @property
+    def debug_log(self) -> Path:
+        return Path(f"{self._stem}.debug.log")
+
+    @property
+    def outputs(self) -> list[Path]:
+        """Everything a run writes, so that scanning a folder that holds the report skips them."""
+        return [self.report, self.summary_json, self.summary_md, self.debug_log, self.state_dir]
+
+
+@dataclass
+class RunResult:
+    report: Path
+    summary_json: Path
+    summary_md: Path
+    counts: dict[str, int] = field(default_factory=dict)   # this run's new rows by status
+    unchanged: int = 0                                     # files already in the report
+    summary: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return sum(self.counts.values())
+
+
+def settings_key(model, options) -> str:
+    """What besides the file shapes its row: a new model or threshold re-measures it."""
+    return f"model={model.info.model_id};{options.policy(model).key()}"
+
+
+class ReportSession:
+    """A report with its ledger, opened for writing: shared by `run`, `watch` and the Dask runner."""
+
+    def __init__(self, out: Path, model, options, state_dir: Path | None = None, force: bool = False):
+        from .ledger import Ledger
+        from .report import Report, columns
+
+        self.files = ReportFiles.of(out, state_dir)
+        self.out, self.model, self.options = self.files.report, model, options
+        self.ledger = Ledger(self.files.state_dir)
+        try:
+            if force:
+                self.ledger.clear()
+            self.ledger.bind(columns(options.include_patient_id))
+            self.report = Report(self.out, self.ledger, options.include_patient_id)
+        except BaseException:
+            self.ledger.close()
+            raise
+        self.settings = settings_key(model, options)
+        self._fingerprints: dict = {}
+        self.counts = {str(s): 0 for s in Status}  # rows written by this session
+        self.unchanged = 0
+
+    def needs(self, path: str | Path) -> bool:
+        """True when the file is new or changed since its row was written (remembers its fingerprint)."""
+        from .ledger import Fingerprint, key_of
+
+        fingerprint = Fingerprint.of(path)
+        if self.ledger.is_current(key_of(str(path)), fingerprint, self.settings):
+            return False
+        self._fingerprints[str(path)] = fingerprint
+        return True
+
+    def todo(self, paths: Iterable[str | Path], on_unchanged: Callable[[], None] | None = None,
+             on_total: Callable[[int], None] | None = None) -> Iterator[Path]:
+        """The files under ``paths`` that need a row; counts the others as unchanged. With
+        ``on_total`` (a progress bar), the folders are scanned first and it gets the file count;
+        otherwise files stream from the scan as it finds them."""
+        from .scan import scan
+
+        found = scan(paths, exclude=self.files.outputs)
+        if on_total is not None:
+            found = list(found)
+            on_total(len(found))
+        for path in found:
+            if self.needs(path):
+                yield path
+            else:
+                self.unchanged += 1
+                if on_unchanged is not None:
+                    on_unchanged()
+
+    def write(self, records: list) -> None:
+        self.report.write(records, self._fingerprints, self.settings)
+        for record in records:
+            self.counts[record.status] += 1
+        for record in records:
+            if record.status != Status.OK:
+                log.debug("%s: %s: %s%s", record.status, record.path, record.reason,
+                          "\n" + record.detail if record.detail else "")
+        for record in records:
+            self._fingerprints.pop(record.path, None)
+
+    def summarize(self):
+        from .summary import write_summaries
+
+        return write_summaries(self.out, self.options.threshold)
+
+    def finish(self, started: float) -> RunResult:
+        """Settle the CSV (drop replaced rows), write the summaries, and report this session."""
+        self.report.close()
+        json_path, md_path, summary = self.summarize()
+        return RunResult(self.out, json_path, md_path, dict(self.counts), self.unchanged, summary,
+                         time.monotonic() - started)
+
+    def close(self) -> None:
+        try:
+            self.report.close()
+        finally:
+            self.ledger.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
