@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from heartbatch.pixels import preprocess, scale_to_unit
+from heartbatch.pixels import display_image, preprocess, scale_to_unit
 
 from . import corrupt
 
@@ -91,8 +91,6 @@ def package_files() -> list[str]:
 def package_image(path: str, size: int) -> np.ndarray | None:
     """Any 2-D image in a DICOM file as a model input, header checks ignored (None when none)."""
     import pydicom
-
-    from heartbatch.dicom import display_image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # test files are odd on purpose; what matters is their pixels

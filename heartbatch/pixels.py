@@ -1,10 +1,13 @@
 """Pixel values to model input: the one preprocessing implementation.
 
 The runtime (DICOM) and training (DICOM, PNG, JPEG) both end here, so what the
-model saw in training is exactly what it sees in production.  Input is a 2-D
-float image already in display orientation (bright = dense, i.e. after the
-modality LUT, the VOI LUT and MONOCHROME1 inversion); output is a float32
-``size x size`` array in [0, 1].
+model saw in training is exactly what it sees in production.  Every step that
+changes what the model sees lives in this module, under :data:`PIPELINE_VERSION`:
+for DICOM, the display transforms (:func:`display_image`: modality LUT, VOI
+LUT/window, MONOCHROME1 inversion) turn stored values into a display-oriented
+image (bright = dense), which is also where PNG and JPEG input starts; then
+:func:`preprocess` resizes it and scales it to a float32 ``size x size`` array
+in [0, 1].  Decoding the stored values is :mod:`heartbatch.dicom`'s concern.
 
 The image is resized first and scaled second: percentiles of a few thousand
 pixels cost microseconds, percentiles of an 8000 x 8000 image cost seconds,
@@ -13,15 +16,22 @@ and the two orders differ only in where clipping happens.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 #: Percentiles that map to 0 and 1: robust to burned-in text, markers and
 #: collimator edges whatever the stored bit depth.
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
 
-#: Recorded in model metadata; bump when the pipeline's output changes.
+#: Recorded in model metadata (a model is trained with one version); bump when the
+#: output of any step here changes.  tests/test_pixels.py ties it to a checksum.
 PIPELINE_VERSION = "1"
 
 
@@ -33,6 +43,94 @@ def pipeline_description() -> str:
         f"percentile scale p{LOW_PERCENTILE}-p{HIGH_PERCENTILE} to [0,1], clipped"
     )
 
+
+# --- DICOM display transforms: stored values -> display-oriented image ---------------
+
+def apply_modality(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values -> float32 modality values (rescale slope/intercept or LUT)."""
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    image = stored.astype(np.float32)
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        slope, intercept = 1.0, 0.0
+    if slope != 1.0 and math.isfinite(slope) and slope != 0:
+        np.multiply(image, slope, out=image)
+    if intercept != 0.0 and math.isfinite(intercept):
+        np.add(image, intercept, out=image)
+    return image
+
+
+def voi_window(ds: Dataset) -> tuple[float, float, str] | None:
+    """First VOI window (center, width, function), or None when absent or unusable."""
+    # imported here: heartbatch.dicom imports this module, and PNG-only use needs no pydicom
+    from pydicom.multival import MultiValue
+
+    from .dicom.values import text
+
+    try:
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            return None
+        center = float(center[0] if isinstance(center, MultiValue) else center)
+        width = float(width[0] if isinstance(width, MultiValue) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    function = text(ds, "VOILUTFunction").upper() or "LINEAR"
+    if not (math.isfinite(center) and math.isfinite(width) and width >= 1):
+        return None
+    return center, width, function
+
+
+def apply_voi(image: np.ndarray, ds: Dataset) -> np.ndarray:
+    """VOI LUT sequence or window, in place where possible; identity when absent."""
+    if "VOILUTSequence" in ds:
+        from pydicom.pixels import apply_voi as pydicom_apply_voi
+
+        try:
+            return np.asarray(pydicom_apply_voi(image, ds), dtype=np.float32)
+        except Exception:  # noqa: BLE001 - a broken LUT: fall back to the window
+            pass
+    voi = voi_window(ds)
+    if voi is None:
+        return image
+    center, width, function = voi
+    if function == "SIGMOID":
+        np.subtract(image, center, out=image)
+        np.multiply(image, -4.0 / width, out=image)
+        np.exp(image, out=image)
+        np.add(image, 1.0, out=image)
+        np.reciprocal(image, out=image)
+        return image
+    if function == "LINEAR_EXACT":
+        offset, scale = center, 1.0 / width
+    else:  # LINEAR, PS3.3 C.11.2.1.2.1
+        offset, scale = center - 0.5, 1.0 / max(width - 1.0, 1.0)
+    np.subtract(image, offset, out=image)
+    np.multiply(image, scale, out=image)
+    np.add(image, 0.5, out=image)
+    return np.clip(image, 0.0, 1.0, out=image)
+
+
+def display_image(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored pixel values -> display-oriented float32 (bright = dense)."""
+    from .dicom.values import text
+
+    image = apply_modality(stored, ds)
+    windowed = apply_voi(image.copy() if voi_window(ds) else image, ds)
+    lo, hi = np.percentile(windowed[::8, ::8], [1, 99])
+    if hi > lo:  # a window that flattens the image is worse than none
+        image = windowed
+    if text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
+        np.negative(image, out=image)
+    return image
+
+
+# --- display-oriented image (DICOM, PNG, JPEG) -> model input ------------------------
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """Resize a 2-D image to ``size x size`` (Pillow bilinear, which widens its
@@ -80,3 +178,4 @@ def display(image: np.ndarray, max_side: int) -> np.ndarray:
     """Display-oriented 2-D image -> float32 [0, 1] at display size (aspect kept): the
     model's resize and intensity scale, for reports and overlays."""
     return scale_to_unit(resize_to(image, *fit(*image.shape, max_side)))
+

@@ -3,12 +3,15 @@ and which files are measured, skipped or errors."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
-from pydicom.uid import JPEGBaseline8Bit
+from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dicom_factory import make_nonsquare, shared_png, to_bits, truncate, write_dicom, write_text_sr
 from heartbatch.dicom import ReadError, Skipped, read_dicom, read_header
+from heartbatch.dicom.decode import DECODER_PREFERENCE, decoder_for, plugin_order
 from heartbatch.pixels import preprocess
 
 
@@ -306,3 +309,22 @@ def test_reduced_decode_keeps_monochrome1_and_window(data_dir, tmp_path):
     np.testing.assert_allclose(preprocess(a.image, 224), preprocess(b.image, 224), atol=0.05)
     assert w.image.max() <= 0 and w.image.min() >= -1  # window to [0, 1], then inverted
     np.testing.assert_allclose(preprocess(w.image, 224), preprocess(read_dicom(windowed).image, 224), atol=0.25)
+
+
+# --- decoder choice (asked of pydicom's decoder, not read from exception texts) ------
+
+def test_plugin_order_is_the_preference_among_installed_plugins():
+    """Preferred plugins that are installed, fastest first, then pydicom's own order ("")."""
+    jpeg = decoder_for(JPEGBaseline8Bit)
+    assert plugin_order(JPEGBaseline8Bit, jpeg) == tuple(
+        p for p in DECODER_PREFERENCE[JPEGBaseline8Bit] if p in jpeg.available_plugins) + ("",)
+    without_pillow = SimpleNamespace(available_plugins=("pylibjpeg",))
+    assert plugin_order(JPEGBaseline8Bit, without_pillow) == ("pylibjpeg", "")
+    assert plugin_order(ExplicitVRLittleEndian, decoder_for(ExplicitVRLittleEndian)) == ("",)
+
+
+def test_a_syntax_pydicom_cannot_decode_has_no_decoder():
+    """None, so decoding leaves it to pydicom to say the syntax is not supported."""
+    assert decoder_for(MPEG2MPML) is None
+    assert decoder_for("") is None
+    assert plugin_order(MPEG2MPML, None) == ("",)
