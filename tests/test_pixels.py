@@ -7,13 +7,16 @@ write the same image in different ways and compare what preprocessing gives.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
 from dicom_factory import make_nonsquare, monochrome1_twin, shared_png, to_bits, write_dicom
 from heartbatch.dicom import read_dicom
-from heartbatch.pixels import preprocess, resize, scale_to_unit
+from heartbatch.pixels import PIPELINE_VERSION, preprocess, resize, scale_to_unit
 
 S = 224
 
@@ -269,3 +272,75 @@ def test_flat_dicom_gives_zeros_without_error(tmp_path):
                        window=(300, 100))
     out = _pre(path)
     assert out.shape == (S, S) and not out.any()
+
+
+# --- the pipeline's output is tied to PIPELINE_VERSION -------------------------------
+
+#: SHA-256 of what :func:`_pipeline_checksum` preprocesses, for each PIPELINE_VERSION.
+#: Exact float32 bytes, not rounded: every step is integer (JPEG IDCT, LUT lookups) or
+#: IEEE-exact elementwise float arithmetic, and Pillow's resize accumulates in double before
+#: storing float32, so the bytes are the same whatever numpy/CPU (checked with numpy's SIMD
+#: turned off).  Rounding would not make a hash tolerant anyway (of 50,000 values some sit next
+#: to any rounding boundary); it would only let small changes through.  The SIGMOID window is
+#: left out for that reason: np.exp differs in the last bit between SIMD levels.
+PIPELINE_CHECKSUMS = {
+    "1": "47f4a0dd836546563e72635d385483c027e3c179248230eadef7bcd234ba130f",
+}
+
+
+def _lut_item(descriptor: list[int], data: list[int], **elements) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.add_new("LUTData", "US", data)  # LUTData's VR is ambiguous (US or OW) until set
+    for keyword, value in elements.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _pipeline_inputs(siim_dicom, data_dir, folder) -> dict[str, np.ndarray]:
+    """Display images that together pass through every step of heartbatch.pixels: the SIIM film
+    as training reads it and as `heartbatch run` reads it (reduced-scale JPEG decode), and
+    files built to exercise rescale, LINEAR and LINEAR_EXACT windows, MONOCHROME1 and both LUT
+    sequences.  Inputs use integer arithmetic only, so they are the same on every machine."""
+    s12 = (shared_png(data_dir, 0)[::2, ::2].astype(np.int64) * 4095) // 255  # 256 x 256, 12 bits
+    gamma = [int(65535 * (i / 4095) ** 0.5) for i in range(4096)]
+    inverted = [8 * (4095 - i) for i in range(4096)]
+    common = dict(bits_stored=12, transfer_syntax=ExplicitVRLittleEndian)
+    files = {
+        "monochrome1 rescale LINEAR window": write_dicom(
+            folder / "m1.dcm", 4095 - s12, photometric="MONOCHROME1", rescale=(2.0, -1000.0),
+            window=(1700.0, 4600.0), **common),
+        "VOI LUT sequence": write_dicom(
+            folder / "voi_lut.dcm", s12, VOILUTSequence=[_lut_item([4096, 0, 16], gamma)], **common),
+        "modality LUT sequence LINEAR_EXACT window": write_dicom(
+            folder / "modality_lut.dcm", s12, window=(8750.0, 14500.0), VOILUTFunction="LINEAR_EXACT",
+            ModalityLUTSequence=[_lut_item([4096, 0, 16], inverted, ModalityLUTType="US")], **common),
+    }
+    return {"SIIM": read_dicom(siim_dicom).image,
+            f"SIIM min_side={S}": read_dicom(siim_dicom, min_side=S).image,
+            **{name: read_dicom(path).image for name, path in files.items()}}
+
+
+def test_pipeline_output_is_tied_to_pipeline_version(siim_dicom, data_dir, tmp_path):
+    """A change in what the model sees must come with a new PIPELINE_VERSION.
+
+    Models record the pipeline version they were trained with, and heartbatch refuses a
+    model whose version differs from its own; a change without a bump would feed every
+    existing model inputs it was never trained on, silently.
+    """
+    digests = {name: hashlib.sha256(np.ascontiguousarray(preprocess(image, S), "<f4").tobytes()).hexdigest()
+               for name, image in _pipeline_inputs(siim_dicom, data_dir, tmp_path).items()}
+    checksum = hashlib.sha256("".join(f"{n}={d}\n" for n, d in digests.items()).encode()).hexdigest()
+    per_input = "".join(f"\n  {name}: {digest}" for name, digest in digests.items())
+    assert PIPELINE_VERSION in PIPELINE_CHECKSUMS, (
+        f"PIPELINE_VERSION {PIPELINE_VERSION!r} has no recorded checksum: add "
+        f"{PIPELINE_VERSION!r}: {checksum!r} to PIPELINE_CHECKSUMS in tests/test_pixels.py")
+    assert checksum == PIPELINE_CHECKSUMS[PIPELINE_VERSION], (
+        f"the preprocessed pixels changed but PIPELINE_VERSION is still {PIPELINE_VERSION!r}. If the "
+        f"change is meant, bump PIPELINE_VERSION in heartbatch/pixels.py and add its checksum "
+        f"{checksum!r} to PIPELINE_CHECKSUMS here: models record the pipeline version they were "
+        f"trained with, so heartbatch will then refuse models trained before the change (retrain or "
+        f"re-export them) instead of feeding them inputs they never saw. If it is not meant, it is a "
+        f"bug in heartbatch/pixels.py (or heartbatch/dicom decoding). Only if the test inputs "
+        f"themselves changed (tests/dicom_factory.py) record the new checksum without a bump. "
+        f"Per input:{per_input}")
