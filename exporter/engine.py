@@ -1,16 +1,22 @@
-"""One epoch of training, prediction, and the loss: the loop kept out of train.py."""
+"""The training loop kept out of train.py: the loss, one epoch, evaluation, and the epochs
+with their checkpoints, metrics log and weight-averaging phase (:func:`fit`)."""
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from heartbatch.metrics import REFERENCE_SIZE, box_metrics
 
-from . import corrupt
+from . import checkpoint, corrupt
 from .augment import AugmentConfig, augment_batch
 from .datasets import TensorDataset
 
@@ -20,7 +26,11 @@ SEG_WEIGHT = 5.0
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss of a batch is NaN or infinite: training stops before stepping on it."""
+    """The loss of a batch is NaN or infinite: training stops before stepping on it.  :func:`fit`
+    adds the epoch (0-based) and whether it was in the averaging phase, for the message."""
+
+    epoch: int | None = None
+    averaging: bool = False
 
 
 def heart_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,6 +76,11 @@ def iterate_batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch: a last batch of one sample is skipped (BatchNorm)."""
+    return sum(1 for s in range(0, n, batch_size) if n - s >= 2)
 
 
 def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch.Generator,
@@ -142,3 +157,125 @@ def evaluate(model, data: TensorDataset, batch_size: int, device: torch.device,
              threshold: float = 0.5) -> dict:
     pred = predict(model, data.images, batch_size, device)
     return box_metrics(pred, data.boxes.numpy(), threshold, data.expert_ctr.numpy())
+
+
+def score(metrics: dict) -> float:
+    """Lower is better: heart error first, thorax and CTR close behind."""
+    value = metrics["heart_mae_px224"]
+    if math.isfinite(metrics.get("thorax_mae_px224", math.nan)):
+        value += 0.5 * metrics["thorax_mae_px224"] + 100 * metrics["ctr_mae"]
+    return value
+
+
+# --- the epochs ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """How the epochs run: the command line's choices, fixed for the run."""
+
+    out: Path
+    epochs: int
+    batch_size: int
+    device: torch.device
+    augment: AugmentConfig | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    iou_weight: float = 0.0
+    seed: int = 0
+    average_from: int = 0  # K > 0: from epoch K on, lr held at average_lr and the weights averaged
+    average_lr: float = 1e-4
+
+
+@dataclass
+class Run:
+    """What the epochs change, all of it saved in each checkpoint so that a resumed run goes on
+    exactly as an uninterrupted one."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    averaged: torch.optim.swa_utils.AveragedModel | None
+    gen: torch.Generator
+    start_epoch: int = 0
+    best: float = math.inf
+    last: dict | None = None  # the latest checkpoint: the resumed one until an epoch ends
+
+
+def start(model, plan: Plan, train_size: int) -> Run:
+    """AdamW with one learning-rate cycle over the epochs before the averaging phase (none when
+    it starts at once), and the weight average when there is that phase."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+    cycle_epochs = plan.average_from - 1 if plan.average_from > 0 else plan.epochs
+    steps = steps_per_epoch(train_size, plan.batch_size)
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=plan.lr, pct_start=0.05,
+                                                     total_steps=cycle_epochs * steps)
+                 if cycle_epochs > 0 else None)
+    averaged = torch.optim.swa_utils.AveragedModel(model) if plan.average_from > 0 else None
+    return Run(model, optimizer, scheduler, averaged, torch.Generator().manual_seed(plan.seed))
+
+
+def fit(run: Run, plan: Plan, train_data: TensorDataset, val_data: TensorDataset, config: dict, split: dict,
+        console) -> float:
+    """The epochs from ``run.start_epoch``: each one a metrics.jsonl line, last.pt, and best.pt when
+    the score improves; then averaged.pt when weights were averaged.  Returns the best score."""
+    started = time.monotonic()
+    with open(plan.out / "metrics.jsonl", "a") as log, \
+            Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                     TimeRemainingColumn(), console=console, transient=True) as bar:
+        for epoch in range(run.start_epoch, plan.epochs):
+            task = bar.add_task("train", total=steps_per_epoch(len(train_data), plan.batch_size), epoch=epoch + 1)
+            losses, metrics = run_epoch(run, plan, epoch, train_data, val_data, lambda: bar.advance(task))
+            bar.remove_task(task)
+            current = score(metrics)
+            record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - started, 1),
+                      "lr": run.optimizer.param_groups[0]["lr"], **losses, "val": metrics, "score": current}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            console.print(
+                f"epoch {epoch + 1:3d}  loss {losses['loss']:.3f}  heart IoU {metrics['heart_iou_mean']:.3f}"
+                f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
+                f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f}"
+                f"  agree {metrics.get('ctr_agreement', {}).get('accuracy', math.nan):.3f}")
+            run.last = checkpoint.epoch_state(run.model, config, epoch, metrics, min(run.best, current),
+                                              run.optimizer, run.scheduler, run.averaged, run.gen, split,
+                                              time.monotonic() - started)
+            if current < run.best:
+                run.best = current
+                checkpoint.save(run.last, plan.out / "best.pt")
+            checkpoint.save(run.last, plan.out / "last.pt")
+    if run.averaged is not None and run.averaged.n_averaged.item() > 0:
+        save_average(run, plan, train_data, val_data, console)
+    return run.best
+
+
+def run_epoch(run: Run, plan: Plan, epoch: int, train_data: TensorDataset, val_data: TensorDataset,
+              on_step=None) -> tuple[dict, dict]:
+    """Train one epoch (in the averaging phase at the constant lr, then averaged in) and evaluate
+    the trained weights: (mean losses, validation metrics)."""
+    averaging = run.averaged is not None and epoch + 1 >= plan.average_from
+    if averaging:
+        for group in run.optimizer.param_groups:
+            group["lr"] = plan.average_lr
+    try:
+        losses = train_one_epoch(run.model, train_data, run.optimizer, None if averaging else run.scheduler,
+                                 run.gen, plan.batch_size, plan.device, plan.augment, on_step=on_step,
+                                 iou_weight=plan.iou_weight, epoch=epoch, seed=plan.seed)
+    except NonFiniteLoss as exc:
+        exc.epoch, exc.averaging = epoch, averaging
+        raise
+    if averaging:
+        run.averaged.update_parameters(run.model)
+    return losses, evaluate(run.model, val_data, plan.batch_size, plan.device)
+
+
+def save_average(run: Run, plan: Plan, train_data: TensorDataset, val_data: TensorDataset, console) -> None:
+    """Recompute BatchNorm for the averaged weights, evaluate them, save averaged.pt."""
+    averaged = run.averaged
+    device = next(averaged.parameters()).device
+    recompute_batchnorm(averaged.module, train_data, plan.batch_size, device)
+    metrics = evaluate(averaged.module, val_data, plan.batch_size, device)
+    state = checkpoint.averaged_state(run.last, averaged.module, metrics, int(averaged.n_averaged.item()))
+    checkpoint.save(state, plan.out / "averaged.pt")
+    console.print(f"averaged {state['averaged_epochs']} epochs: heart IoU {metrics['heart_iou_mean']:.3f}"
+                  f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
+                  f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f} -> {plan.out / 'averaged.pt'}")

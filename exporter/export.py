@@ -19,13 +19,8 @@ inspection).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
-import math
-import os
-import pickle
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -37,10 +32,12 @@ from torch import nn
 from torchvision.models import resnet18
 
 from heartbatch import contract as C
+from heartbatch.errors import HeartbatchError
+from heartbatch.files import sha256_file
 from heartbatch.pixels import PIPELINE_VERSION, pipeline_description
 
-from .net import HeartBoxNet
-from .train import CHECKPOINT_FORMAT, code_version
+from . import checkpoint, onnxfile
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
 DEFAULT_OPSET = 17
 
@@ -51,7 +48,7 @@ LEGACY_MEAN = 0.494
 LEGACY_STD = 0.252
 
 
-class ExportError(Exception):
+class ExportError(HeartbatchError):
     """Something the user can fix (wrong file, wrong format): exit 2, no traceback."""
 
 
@@ -125,45 +122,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_checkpoint(path: Path, trust_pickle: bool) -> dict:
-    """weights_only by default: a checkpoint is data, and unpickling runs code."""
-    if not path.is_file():
-        raise ExportError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as exc:
-        if trust_pickle:
-            raise ExportError(f"{path}: not a readable torch checkpoint ({exc})") from None
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        raise ExportError(f"{path}: the checkpoint holds objects beyond tensors and plain data"
-                          + (f" ({found.group(1)})" if found else "")
-                          + "; if you trust the file, rerun with --trust-pickle") from None
-    except Exception as exc:  # a corrupt or foreign file fails in many ways inside the unpickler
-        raise ExportError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict):
-        raise ExportError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    return ckpt
-
-
-def _json_safe(value):
-    """NaN/inf become null so the metadata is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _common_metadata(size: int, outputs: int, mean: float, std: float, source: Path) -> dict[str, str]:
     return {
         C.META_FORMAT: C.FORMAT_VERSION,
@@ -172,39 +130,29 @@ def _common_metadata(size: int, outputs: int, mean: float, std: float, source: P
         C.META_PREPROCESSING: pipeline_description(),
         C.META_PIXELS_VERSION: PIPELINE_VERSION,
         C.META_NORMALIZATION: f"mean={mean:.6g},std={std:.6g} (inside the graph)",
-        C.META_SOURCE: f"{source.name} sha256:{sha256(source)[:16]}",
+        C.META_SOURCE: f"{source.name} sha256:{sha256_file(source)[:16]}",
     }
 
 
 def from_heartbatch(ckpt: dict, path: Path) -> tuple[nn.Module, int, dict[str, str]]:
-    fmt = ckpt.get("format")
-    if fmt != CHECKPOINT_FORMAT:
-        raise ExportError(f"{path}: checkpoint format {fmt!r} is not supported (expected {CHECKPOINT_FORMAT!r})")
-    try:
-        cfg, state = ckpt["config"], ckpt["model"]
-        size, outputs = int(cfg["size"]), int(cfg.get("outputs", 8))
-        mean, std = float(cfg["mean"]), float(cfg["std"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ExportError(f"{path}: incomplete {CHECKPOINT_FORMAT} checkpoint (missing {exc})") from None
+    spec = checkpoint.network_spec(ckpt, path)
+    size, outputs = spec.size, spec.outputs
     if size < C.MIN_INPUT_SIZE:
         raise ExportError(f"{path}: trained at {size}px; the model contract needs {C.MIN_INPUT_SIZE} or more")
     if outputs not in C.OUTPUT_LAYOUTS:
         raise ExportError(f"{path}: {outputs} outputs; the contract allows {sorted(C.OUTPUT_LAYOUTS)}")
-    model = HeartBoxNet(outputs=outputs, mean=mean, std=std)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ExportError(f"{path}: weights do not fit HeartBoxNet: {exc}") from None
+    model = checkpoint.network(ckpt, spec, path)
+    cfg = ckpt["config"]
     epochs = cfg.get("epochs", "?")
     epoch = ckpt.get("epoch")
     reached = f"epoch {epoch + 1} of {epochs}" if isinstance(epoch, int) else f"{epochs} epochs"
-    meta = _common_metadata(size, outputs, mean, std, path)
+    meta = _common_metadata(size, outputs, spec.mean, spec.std, path)
     meta.update({
         C.META_TRAINING_DATA: (f"{cfg.get('data', '?')}"
                                + (f" + labels {cfg['labels']}" if cfg.get("labels") else "")
                                + f": {cfg.get('train_images', '?')} training / {cfg.get('val_images', '?')}"
                                f" validation images, seed {cfg.get('seed', '?')}, {reached}"),
-        C.META_VALIDATION: json.dumps(_json_safe(ckpt.get("metrics") or {}), sort_keys=True),
+        C.META_VALIDATION: json.dumps(onnxfile.json_safe(ckpt.get("metrics") or {}), sort_keys=True),
         C.META_CODE_VERSION: str(cfg.get("code_version", "unknown")),
     })
     return model, size, meta
@@ -232,16 +180,9 @@ def from_legacy(ckpt: dict, path: Path) -> tuple[nn.Module, int, dict[str, str]]
         C.META_TRAINING_DATA: "original project checkpoint (RSNA heart detection)",
         C.META_VALIDATION: "{}",  # unknown: the Lightning checkpoint carries none
         C.META_CODE_VERSION: (f"original project (PyTorch Lightning {pl_version}); "
-                              f"converted by {code_version()}"),
+                              f"converted by {checkpoint.code_version()}"),
     })
     return model, LEGACY_SIZE, meta
-
-
-def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
-    """Replace the model's metadata_props with ``meta``."""
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
 
 
 def export(model: nn.Module, size: int, meta: dict[str, str], out: Path, opset: int) -> None:
@@ -259,13 +200,11 @@ def export(model: nn.Module, size: int, meta: dict[str, str], out: Path, opset: 
     width = proto.graph.output[0].type.tensor_type.shape.dim[1]
     width.ClearField("dim_param")
     width.dim_value = len(meta[C.META_OUTPUT_LAYOUT].split(","))
-    set_metadata(proto, meta)
+    onnxfile.set_metadata(proto, meta)
     proto.producer_name = "heartbatch export-onnx"
     onnx.checker.check_model(proto, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    onnx.save(proto, tmp)
-    os.replace(tmp, out)
+    onnxfile.save(proto, out)
 
 
 def parity(model: nn.Module, out: Path, size: int) -> float:
@@ -288,7 +227,7 @@ def parity(model: nn.Module, out: Path, size: int) -> float:
 
 def load_network(path: Path, legacy: bool, trust_pickle: bool) -> tuple[nn.Module, int, dict[str, str], bool]:
     """(network, input size, metadata, is the original project's) from one checkpoint."""
-    ckpt = load_checkpoint(path, trust_pickle)
+    ckpt = checkpoint.load(path, trust_pickle)
     legacy = legacy or ("format" not in ckpt and "state_dict" in ckpt)
     if legacy and "format" in ckpt:
         raise ExportError(f"{path}: --legacy given, but this is a {ckpt['format']!r} checkpoint")
@@ -330,7 +269,7 @@ def main(argv=None) -> int:
                 raise ExportError("--tta-shift applies to heartbatch checkpoints only")
             model = ShiftAveraged(model.eval(), size, args.tta_shift)
             meta[C.META_PREPROCESSING] += f"; in-graph average over shifts of 0, +-{args.tta_shift} px in x and y"
-    except ExportError as exc:
+    except (ExportError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -341,7 +280,7 @@ def main(argv=None) -> int:
     source = ("original project, heart only" if legacy else CHECKPOINT_FORMAT
               + (f", {len(loaded)} networks averaged" if len(loaded) > 1 else ""))
     print(f"wrote {args.out} ({source}; boxes {meta[C.META_OUTPUT_LAYOUT]}; input {size}px; "
-          f"opset {args.opset}; sha256 {sha256(args.out)[:16]})")
+          f"opset {args.opset}; sha256 {sha256_file(args.out)[:16]})")
     diff = parity(model, args.out, size)
     print(f"parity: max abs difference {diff:.1e} (tolerance {args.tolerance:.0e})")
     if not diff <= args.tolerance:

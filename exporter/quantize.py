@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -30,9 +29,10 @@ from heartbatch.evaluate import evaluate
 from heartbatch.images import load_image
 from heartbatch.labels import LabelError, SplitError, load_labels, read_split
 from heartbatch.model import BoxModel, ContractError
+from heartbatch.files import replacing
 from heartbatch.pixels import preprocess
 
-from .export import _json_safe, set_metadata
+from . import onnxfile
 
 META_QUANTIZATION = "heartbatch.quantization"
 
@@ -78,24 +78,21 @@ def quantize(source: Path, out: Path, batches) -> None:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         excluded = head_nodes(onnx.load(str(prepared)))
-        partial = out.with_name(out.name + ".partial")
-        quantize_static(str(prepared), str(partial), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        op_types_to_quantize=["Conv", "Add", "MaxPool"], nodes_to_exclude=excluded,
-                        calibrate_method=CalibrationMethod.MinMax)
-    quantized = onnx.load(str(partial))
-    set_metadata(quantized, {p.key: p.value for p in original.metadata_props})
-    quantized.producer_name = "heartbatch quantize-onnx"
-    onnx.save(quantized, str(partial))
-    os.replace(partial, out)
+        with replacing(out, suffix=".partial") as partial:
+            quantize_static(str(prepared), str(partial), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            op_types_to_quantize=["Conv", "Add", "MaxPool"], nodes_to_exclude=excluded,
+                            calibrate_method=CalibrationMethod.MinMax)
+            quantized = onnx.load(str(partial))
+            onnxfile.set_metadata(quantized, onnxfile.metadata(original))
+            quantized.producer_name = "heartbatch quantize-onnx"
+            onnx.save(quantized, str(partial))
 
 
 def update_metadata(path: Path, updates: dict[str, str]) -> None:
     model = onnx.load(str(path))
-    set_metadata(model, {**{p.key: p.value for p in model.metadata_props}, **updates})
-    partial = path.with_name(path.name + ".partial")
-    onnx.save(model, str(partial))
-    os.replace(partial, path)
+    onnxfile.set_metadata(model, {**onnxfile.metadata(model), **updates})
+    onnxfile.save(model, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,7 +146,7 @@ def main(argv=None) -> int:
                             f"{len(chosen)} training images; float source {args.model.name} "
                             f"({float_model.info.model_id}); heart error {loss:+.3f} px at 224 on "
                             f"{len(val)} validation images"),
-        C.META_VALIDATION: json.dumps(_json_safe(after), sort_keys=True),
+        C.META_VALIDATION: json.dumps(onnxfile.json_safe(after), sort_keys=True),
     })
     print(f"{'':24}{'float':>10}{'int8':>10}")
     for key in ("heart_iou_mean", "heart_mae_px224", "thorax_iou_mean", "ctr_mae"):

@@ -25,11 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,52 +33,21 @@ import torch
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-import heartbatch
 from heartbatch.labels import LabelError, load_labels, read_split
 
-from . import corrupt
+from . import checkpoint, corrupt, engine
 from .augment import AugmentConfig, augment_batch, boxes_from_masks
-from .datasets import build_dataset, holdout_split, load_or_make_split, source_of, split_keys
-from .engine import NonFiniteLoss, evaluate, recompute_batchnorm, train_one_epoch
+from .checkpoint import CheckpointError
+from .datasets import TensorDataset, build_dataset, holdout_split, load_or_make_split, source_of, split_keys
+from .engine import NonFiniteLoss
 from .net import HeartBoxNet
 
-CHECKPOINT_FORMAT = "heartbatch-checkpoint/1"
 #: --show-augmentations: how many training films (rows), the columns, the label band above them (px)
 SHOW_FILMS = 4
 SHOW_COLUMNS = ("plain", *corrupt.WARD, "ward_mix", "ward+affine")
 SHOW_LABEL_PX = 14
-
-
-def code_version() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return f"heartbatch {heartbatch.__version__}" + (f" ({rev})" if rev else "")
-
-
-def score(metrics: dict) -> float:
-    """Lower is better: heart error first, thorax and CTR close behind."""
-    value = metrics["heart_mae_px224"]
-    if math.isfinite(metrics.get("thorax_mae_px224", math.nan)):
-        value += 0.5 * metrics["thorax_mae_px224"] + 100 * metrics["ctr_mae"]
-    return value
-
-
-def save_average(averaged, train_data, val_data, last_state: dict, args, console) -> None:
-    """Recompute BatchNorm for the averaged weights, evaluate them, save averaged.pt."""
-    device = next(averaged.parameters()).device
-    recompute_batchnorm(averaged.module, train_data, args.batch_size, device)
-    metrics = evaluate(averaged.module, val_data, args.batch_size, device)
-    state = {**last_state, "model": averaged.module.state_dict(), "metrics": metrics,
-             "averaged_epochs": int(averaged.n_averaged.item())}
-    torch.save(state, args.out / "averaged.pt")
-    console.print(f"averaged {state['averaged_epochs']} epochs: heart IoU {metrics['heart_iou_mean']:.3f}"
-                  f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
-                  f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f} -> {args.out / 'averaged.pt'}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -196,8 +161,7 @@ def show_augmentations(args, items, console) -> int:
     try:
         films = _show_films(args, items)
     except (ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 2
+        return _error(console, str(exc), 2)
     data = build_dataset(films, args.size)
     size = args.size
     sheet = Image.new("RGB", (len(SHOW_COLUMNS) * size, SHOW_LABEL_PX + len(films) * size), (255, 255, 255))
@@ -232,6 +196,58 @@ def show_augmentations(args, items, console) -> int:
     return 0
 
 
+def make_plan(args, device: torch.device) -> engine.Plan:
+    return engine.Plan(out=args.out, epochs=args.epochs, batch_size=args.batch_size, device=device,
+                       augment=None if args.no_augment else augment_config(args), lr=args.lr,
+                       weight_decay=args.weight_decay, iou_weight=args.iou_weight, seed=args.seed,
+                       average_from=args.average_from, average_lr=args.average_lr)
+
+
+def _error(console, message: str, status: int) -> int:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return status
+
+
+def load_images(items, split: dict, size: int, console) -> tuple[TensorDataset, TensorDataset]:
+    """The training and validation images of ``split``, with one progress bar over both."""
+    by_key = {i.key: i for i in items}
+    with Progress(TextColumn("loading images"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+        task = bar.add_task("load", total=len(items))
+        return tuple(build_dataset([by_key[k] for k in split[part]], size, lambda: bar.advance(task))
+                     for part in ("train", "val"))
+
+
+def build_model(args, train_data: TensorDataset, val_data: TensorDataset, console) -> tuple[HeartBoxNet, dict]:
+    """The network (from scratch, ImageNet weights, or --init's weights) and the checkpoints' config.
+    The input normalization is the training images' own, or --init's: the weights were trained with it."""
+    mean, std = train_data.images.mean().item(), train_data.images.std().item()
+    init = checkpoint.load(args.init, trust_pickle=True) if args.init else None
+    if init is not None:
+        mean, std = init["config"]["mean"], init["config"]["std"]
+    model = HeartBoxNet(mean=mean, std=std, imagenet_weights=args.imagenet_weights)
+    if init is not None:
+        model.load_state_dict(init["model"])
+        console.print(f"initialised from {args.init} (epoch {init['epoch'] + 1})")
+    return model, checkpoint.config(args, mean, std, len(train_data), len(val_data))
+
+
+def resume(run: engine.Run, path: Path, device: torch.device, console) -> None:
+    run.last = checkpoint.load(path, trust_pickle=True, map_location=device)
+    run.start_epoch, run.best = checkpoint.restore(run.last, run.model, run.optimizer, run.scheduler,
+                                                   run.averaged, run.gen)
+    console.print(f"resumed from {path} at epoch {run.start_epoch}")
+
+
+def stopped_message(exc: NonFiniteLoss, args, start_epoch: int) -> str:
+    """What happened to a run stopped by a non-finite loss, what it kept, and what to try."""
+    epoch = exc.epoch
+    kept = (f"{args.out / 'last.pt'} holds epoch {epoch}, the last finished one" if epoch > start_epoch
+            else "this run wrote no checkpoint")
+    return (f"epoch {epoch + 1}: {exc}. Training stopped; {kept}. Lower --lr (now {args.lr:g}"
+            + (f", --average-lr {args.average_lr:g}" if exc.averaging else "")
+            + ") and train again in a new --out, or fine-tune from a good checkpoint with --init.")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
@@ -242,9 +258,7 @@ def main(argv=None) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     usage = usage_error(args)
     if usage:
-        console.print(f"[red]error:[/red] {escape(usage)}", highlight=False, soft_wrap=True)
-        return 2
-
+        return _error(console, usage, 2)
     try:
         items = load_labels(args.data, args.labels)
     except (LabelError, OSError) as exc:
@@ -259,107 +273,21 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    by_key = {i.key: i for i in items}
-    with Progress(TextColumn("loading images"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
-        task = bar.add_task("load", total=len(items))
-        train_data = build_dataset([by_key[k] for k in split["train"]], args.size,
-                                   lambda: bar.advance(task))
-        val_data = build_dataset([by_key[k] for k in split["val"]], args.size, lambda: bar.advance(task))
+    train_data, val_data = load_images(items, split, args.size, console)
     console.print(f"{len(train_data)} training, {len(val_data)} validation images at {args.size}px on {device}"
                   + (f" (validation: every {args.holdout_source} image)" if args.holdout_source else ""))
-
-    mean, std = train_data.images.mean().item(), train_data.images.std().item()
-    init = torch.load(args.init, map_location="cpu", weights_only=False) if args.init else None
-    if init is not None:  # keep the normalization the weights were trained with
-        mean, std = init["config"]["mean"], init["config"]["std"]
-    model = HeartBoxNet(mean=mean, std=std, imagenet_weights=args.imagenet_weights)
-    if init is not None:
-        model.load_state_dict(init["model"])
-        console.print(f"initialised from {args.init} (epoch {init['epoch'] + 1})")
-    model = model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = sum(1 for s in range(0, len(train_data), args.batch_size)
-                          if len(train_data) - s >= 2)
-    cycle_epochs = args.average_from - 1 if args.average_from > 0 else args.epochs
-    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.05,
-                                                     total_steps=cycle_epochs * steps_per_epoch)
-                 if cycle_epochs > 0 else None)
-    averaged = torch.optim.swa_utils.AveragedModel(model) if args.average_from > 0 else None
-    gen = torch.Generator().manual_seed(args.seed)
-    start_epoch, best = 0, math.inf
-    if args.resume:
-        state = torch.load(args.resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if averaged is not None and state.get("averaged"):
-            averaged.load_state_dict(state["averaged"])
-        gen.set_state(state["generator"])
-        start_epoch, best = state["epoch"] + 1, state["best_score"]
-        console.print(f"resumed from {args.resume} at epoch {start_epoch}")
-
-    config = {"size": args.size, "outputs": 8, "mean": mean, "std": std, "arch": "resnet18-fpn-softargmax",
-              "data": str(args.data), "labels": args.labels, "seed": args.seed, "epochs": args.epochs,
-              "batch_size": args.batch_size, "lr": args.lr,
-              "augment": None if args.no_augment else {"scale": list(args.aug_scale), "rotate_deg": args.aug_rotate,
-                                                       "translate": args.aug_translate},
-              "train_images": len(train_data), "val_images": len(val_data),
-              "ward": 0.0 if args.no_augment else args.ward, "holdout_source": args.holdout_source,
-              "iou_weight": args.iou_weight, "average_from": args.average_from, "average_lr": args.average_lr,
-              "imagenet_init": args.imagenet_weights is not None, "init": str(args.init) if args.init else None,
-              "code_version": code_version()}
-    augment = None if args.no_augment else augment_config(args)
-    started = time.monotonic()
-    with open(args.out / "metrics.jsonl", "a") as log, \
-            Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                     TimeRemainingColumn(), console=console, transient=True) as bar:
-        for epoch in range(start_epoch, args.epochs):
-            task = bar.add_task("train", total=steps_per_epoch, epoch=epoch + 1)
-            averaging = averaged is not None and epoch + 1 >= args.average_from
-            if averaging:
-                for group in optimizer.param_groups:
-                    group["lr"] = args.average_lr
-            try:
-                losses = train_one_epoch(model, train_data, optimizer, None if averaging else scheduler, gen,
-                                         args.batch_size, device, augment, on_step=lambda: bar.advance(task),
-                                         iou_weight=args.iou_weight, epoch=epoch, seed=args.seed)
-            except NonFiniteLoss as exc:
-                kept = (f"{args.out / 'last.pt'} holds epoch {epoch}, the last finished one" if epoch > start_epoch
-                        else "this run wrote no checkpoint")
-                console.print("[red]error:[/red] " + escape(
-                    f"epoch {epoch + 1}: {exc}. Training stopped; {kept}. Lower --lr (now {args.lr:g}"
-                    + (f", --average-lr {args.average_lr:g}" if averaging else "")
-                    + ") and train again in a new --out, or fine-tune from a good checkpoint with --init."),
-                    highlight=False, soft_wrap=True)
-                return 1
-            bar.remove_task(task)
-            if averaging:
-                averaged.update_parameters(model)
-            metrics = evaluate(model, val_data, args.batch_size, device)
-            current = score(metrics)
-            record = {"epoch": epoch + 1, "seconds": round(time.monotonic() - started, 1),
-                      "lr": optimizer.param_groups[0]["lr"], **losses, "val": metrics, "score": current}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            console.print(
-                f"epoch {epoch + 1:3d}  loss {losses['loss']:.3f}  heart IoU {metrics['heart_iou_mean']:.3f}"
-                f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
-                f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f}"
-                f"  agree {metrics.get('ctr_agreement', {}).get('accuracy', math.nan):.3f}")
-            state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
-                     "epoch": epoch, "metrics": metrics, "best_score": min(best, current),
-                     "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "averaged": averaged.state_dict() if averaged is not None else None,
-                     "generator": gen.get_state(), "split": split,
-                     "train_seconds": time.monotonic() - started}
-            if current < best:
-                best = current
-                torch.save(state, args.out / "best.pt")
-            torch.save(state, args.out / "last.pt")
-    if averaged is not None and averaged.n_averaged.item() > 0:
-        save_average(averaged, train_data, val_data, state, args, console)
+    plan = make_plan(args, device)
+    try:
+        model, config = build_model(args, train_data, val_data, console)
+        run = engine.start(model.to(device), plan, len(train_data))
+        if args.resume:
+            resume(run, args.resume, device, console)
+    except CheckpointError as exc:
+        return _error(console, str(exc), 2)
+    try:
+        best = engine.fit(run, plan, train_data, val_data, config, split, console)
+    except NonFiniteLoss as exc:
+        return _error(console, stopped_message(exc, args, run.start_epoch), 1)
     console.print(f"done: best score {best:.3f}; checkpoints in {args.out}")
     return 0
 

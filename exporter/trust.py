@@ -81,8 +81,9 @@ def _output(graph, name: str, shape: list) -> None:
 def input_size(model: onnx.ModelProto) -> int:
     from heartbatch import contract as C
 
-    meta = {p.key: p.value for p in model.metadata_props}
-    return int(meta[C.META_INPUT_SIZE])
+    from .onnxfile import metadata
+
+    return int(metadata(model)[C.META_INPUT_SIZE])
 
 
 def without_trust(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
     from heartbatch.pixels import preprocess
 
     from . import content
-    from .export import set_metadata
+    from .onnxfile import metadata, set_metadata
     from .robustness import ctrs
 
     p = argparse.ArgumentParser(prog="trust-onnx", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
     if args.leave_out_packages:
         evaluation["left_out_packages"] = _leave_out(head, fit, train, others, policy)
     out = add_content_head(add_uncertainty(_strip(with_features(base)), factor), head)
-    meta = {p.key: p.value for p in base.metadata_props}
+    meta = metadata(base)
     meta[C.META_TRUST] = json.dumps({**policy, "fit": (
         f"content classifier and feature distance fitted by trust-onnx on {len(train.images)} samples of "
         f"{len(split['train'])} training films and {len(others.images)} package images and patterns "

@@ -25,7 +25,7 @@ from exporter import export
 from exporter.datasets import build_dataset, split_keys
 from exporter.engine import SEG_WEIGHT, box_loss, seg_loss, train_one_epoch
 from exporter.net import HeartBoxNet
-from exporter.train import CHECKPOINT_FORMAT
+from exporter.checkpoint import CHECKPOINT_FORMAT
 import heartbatch
 from heartbatch import contract as C
 from heartbatch.labels import (LEGACY_SIZE, from_box_csv, from_legacy_labels, from_mask_folder,
@@ -387,16 +387,16 @@ def test_weight_averaging_run(data_dir, tmp_path):
 
 def test_augmentation_strength_flags(data_dir, tmp_path, monkeypatch):
     """--aug-* reach the augmentation of every epoch and are recorded in the checkpoint."""
-    from exporter import train
+    from exporter import engine, train
 
     seen = []
-    real = train.train_one_epoch
+    real = engine.train_one_epoch
 
     def spy(model, data, optimizer, scheduler, gen, batch_size, device, augment, **kw):
         seen.append(augment)
         return real(model, data, optimizer, scheduler, gen, batch_size, device, augment, **kw)
 
-    monkeypatch.setattr(train, "train_one_epoch", spy)
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
     out = tmp_path / "run"
     assert train.main(["--data", str(_tiny_mask_folder(data_dir, tmp_path, n=4)), "--out", str(out),
                        "--size", "64", "--epochs", "2", "--batch-size", "4", "--threads", "1",
@@ -614,6 +614,20 @@ def test_train_split_that_is_not_json_is_refused(data_dir, tmp_path, capsys):
                        "--split", str(bad), "--size", "64", "--epochs", "1"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert str(bad) in err and "not JSON" in err, err
+
+
+def test_train_refuses_a_missing_checkpoint(data_dir, tmp_path, capsys):
+    """--resume or --init naming no file: exit 2 with the path, not a traceback."""
+    from exporter import train
+
+    data = _tiny_mask_folder(data_dir, tmp_path, n=4)
+    for flag in ("--resume", "--init"):
+        missing = tmp_path / f"{flag[2:]}.pt"
+        assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), "--size", "64", "--epochs", "1",
+                           flag, str(missing)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{missing}: checkpoint not found" in err, err
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 @pytest.mark.parametrize("content, says", bad_splits("jsrt/JPCLN001.png"))
