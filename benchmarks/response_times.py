@@ -48,13 +48,14 @@ def _chest(path: Path, index: int = 0) -> Path:
 
 
 def lock_refusal(workdir: Path, model: Path) -> float:
-    from heartbatch.ledger import Ledger, state_dir_for
+    from heartbatch.ledger import Ledger
+    from heartbatch.session import ReportFiles
 
     folder = workdir / "lock" / "studies"
     if not folder.is_dir():
         _chest(folder / "a.dcm")
     out = workdir / "lock" / "report.csv"
-    holder = Ledger(state_dir_for(out))
+    holder = Ledger(ReportFiles.of(out).state_dir)
     try:
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "heartbatch", "run", str(folder), "--out", str(out),
@@ -92,7 +93,7 @@ def time_limit_pool(workdir: Path) -> float:
     from heartbatch.workers import DecodePool
 
     files = _hang_files(workdir)
-    pool = DecodePool(workers=2, size=224, timeout=2.0, function=crashers.hang_on_marker, chunk=1)
+    pool = DecodePool(workers=2, size=224, timeout=2.0, many=crashers.each(crashers.hang_on_marker), chunk=1)
     try:
         started = time.perf_counter()
         results = list(pool.map(files))

@@ -5,7 +5,8 @@ task.  A worker process loads the model once and keeps it; a task runs the
 same :class:`~heartbatch.pipeline.Runner` as a local run (decoding inline, in
 the Dask worker) and returns the chunk's :class:`~heartbatch.records.Record`
 objects.  The client scans lazily, asks the ledger which files need a row,
-keeps a bounded number of chunks in flight, and writes each returned chunk
+schedules the chunks as a local run does (:mod:`heartbatch.scheduler`: a
+bounded number in flight, failed ones retried file by file), and writes each returned chunk
 through the same :class:`~heartbatch.pipeline.ReportSession` as a local run,
 so resume and exactly-once hold unchanged.
 
@@ -28,24 +29,22 @@ import itertools
 import os
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from . import sanitize
 from .errors import DistributedError, ExitCode
 from .model import BoxModel, ModelRef, WorkerModelError, worker_model  # noqa: F401 - re-exported
 from .pipeline import ReportSession, RunOptions, RunResult, Runner
-from .records import ERROR, Record
+from .records import Record
+from .scheduler import Backend, Failed, chunks, schedule
 
 INSTALL_HINT = "install heartbatch[dask] (pip install 'heartbatch[dask]')"
 IN_FLIGHT_PER_THREAD = 3      # chunks in flight per worker thread: enough to keep workers busy
 MIN_IN_FLIGHT = 4
 REFRESH_SECONDS = 5.0         # how often the client re-reads the cluster size (adaptive clusters grow)
 RETRIES = 1                   # Dask retries of a task that raised (a transient error)
-CRASH_REASON = "the decoder crashed on this file (worker process died)"
 
 
 # --- the scheduler address ------------------------------------------------------
@@ -166,28 +165,6 @@ def process_chunk(items: list[tuple[str, str]], ref: ModelRef, options: RunOptio
 
 # --- the client side ------------------------------------------------------------
 
-def _chunks(paths: Iterable, size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for path in paths:
-        chunk.append(str(path))
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _failed(path: str, exc: BaseException | None) -> Record:
-    """The error row for one file whose task failed even alone."""
-    name = type(exc).__name__ if exc is not None else "unknown error"
-    if name == "KilledWorker":
-        return Record(path, ERROR, CRASH_REASON)
-    record = Record(path, ERROR, f"unexpected {sanitize.exception(exc) if exc is not None else name}")
-    if exc is not None:
-        record.detail = sanitize.traceback_text(exc)
-    return record
-
-
 class _Cluster:
     """How many chunks to keep in flight, and the task threads per host (re-read now and then)."""
 
@@ -211,6 +188,60 @@ class _Cluster:
         self.host_threads = hosts
         if self.fixed is None:
             self.limit = max(MIN_IN_FLIGHT, IN_FLIGHT_PER_THREAD * sum(hosts.values()))
+
+
+class _DaskTasks(Backend):
+    """:func:`~heartbatch.scheduler.schedule` on a Dask cluster.  Dask itself reruns a task
+    whose worker died (up to its ``allowed-failures``, then ``KilledWorker``) or that raised
+    (:data:`RETRIES`), so a file that still fails alone gets its error row at once."""
+
+    max_failures = 1
+
+    def __init__(self, client, ref: ModelRef, options: RunOptions, max_in_flight: int | None):
+        from distributed import as_completed
+
+        self.client, self.ref, self.options = client, ref, options
+        self.cluster = _Cluster(client, max_in_flight)
+        self.done = as_completed(loop=client.loop)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.submitted = 0
+
+    def limit(self) -> int:
+        self.cluster.refresh()
+        return self.cluster.limit
+
+    def submit(self, chunk: list[str]):
+        items = [(p, os.path.abspath(p)) for p in chunk]
+        self.submitted += 1
+        future = self.client.submit(process_chunk, items, self.ref, self.options, self.cluster.host_threads,
+                                    key=f"heartbatch-{self.run_id}-{self.submitted}", retries=RETRIES, pure=False)
+        self.done.add(future)
+        return future
+
+    def wait(self, pending) -> list:
+        return [next(self.done)]
+
+    def outcome(self, future) -> list[Record] | Failed:
+        try:
+            # a result lost with its worker before it was fetched is recomputed: result() waits for it
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - the task's own exception, re-raised here
+            if future.status == "cancelled":
+                raise DistributedError("the Dask scheduler cancelled the run's tasks (scheduler lost or "
+                                       "restarted?); the rows written so far are kept: run the same command "
+                                       "again to continue") from None
+            if isinstance(exc, WorkerModelError):
+                raise DistributedError(str(exc), exit_code=ExitCode.MODEL) from None
+            return Failed(exc, crashed=type(exc).__name__ == "KilledWorker")
+        finally:
+            future.release()
+
+    def abandon(self, pending) -> None:
+        for future in pending:  # an aborted run leaves no work behind on the cluster
+            try:
+                future.cancel()
+            except Exception:  # noqa: BLE001 - the client may be gone already
+                pass
 
 
 def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions | None = None,
@@ -237,83 +268,14 @@ def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions
             if on_records is not None:
                 on_records(records)
 
-        chunks = _chunks(session.todo(paths, on_unchanged), size)
-        first = next(chunks, None)
+        todo = chunks((str(p) for p in session.todo(paths, on_unchanged)), size)
+        first = next(todo, None)
         if first is not None:  # nothing new: no cluster to start
             with connect(scheduler) as (client, local_workers):
                 task_options = options
                 if local_workers and not options.threads:  # N processes on this machine share its cores
                     task_options = replace(options, threads=max(1, (os.cpu_count() or 1) // local_workers))
-                _drive(client, itertools.chain([first], chunks), ref, task_options, write, max_in_flight)
-        return session.finish(started)
-
-
-def _drive(client, chunks: Iterator[list[str]], ref: ModelRef, options: RunOptions,
-           write: Callable[[list[Record]], None], max_in_flight: int | None) -> None:
-    """Keep at most a bounded number of chunks in flight; write each result as it arrives."""
-    from distributed import as_completed
-
-    cluster = _Cluster(client, max_in_flight)
-    pending: dict = {}
-    singles: deque[list[str]] = deque()   # files of a failed chunk, retried one per task, one at a time
-    alone: set = set()                      # the single-file task in flight, run with nothing beside it
-    exhausted = False
-    done = as_completed(loop=client.loop)
-    run_id = uuid.uuid4().hex[:8]
-    submitted = 0
-
-    def top_up() -> None:
-        nonlocal exhausted, submitted
-        cluster.refresh()
-        # a suspect runs alone, so a file that kills workers takes no other file's task with it
-        while len(pending) < (1 if singles or alone else cluster.limit):
-            suspect = bool(singles)
-            if suspect:
-                chunk = singles.popleft()
-            elif not exhausted:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    exhausted = True
-                    break
-            else:
-                break
-            items = [(p, os.path.abspath(p)) for p in chunk]
-            submitted += 1
-            future = client.submit(process_chunk, items, ref, options, cluster.host_threads,
-                                   key=f"heartbatch-{run_id}-{submitted}", retries=RETRIES, pure=False)
-            pending[future] = chunk
-            if suspect:
-                alone.add(future)
-            done.add(future)
-
-    try:
-        top_up()
-        for future in done:
-            chunk = pending.pop(future)
-            alone.discard(future)
-            try:
-                # a result lost with its worker before it was fetched is recomputed: result() waits for it
-                records = future.result()
-            except Exception as exc:  # noqa: BLE001 - the task's own exception, re-raised here
-                if future.status == "cancelled":
-                    raise DistributedError("the Dask scheduler cancelled the run's tasks (scheduler lost or "
-                                           "restarted?); the rows written so far are kept: run the same command "
-                                           "again to continue") from None
-                if isinstance(exc, WorkerModelError):
-                    raise DistributedError(str(exc), exit_code=ExitCode.MODEL) from None
-                if len(chunk) > 1:  # keeps killing workers or raising: find the file, one per task
-                    singles.extend([p] for p in chunk)
-                else:
-                    records = [_failed(chunk[0], exc)]
+                tasks = _DaskTasks(client, ref, task_options, max_in_flight)
+                for records in schedule(tasks, itertools.chain([first], todo)):
                     write(records)
-            else:
-                write(records)
-            finally:
-                future.release()
-            top_up()
-    finally:
-        for future in pending:  # an aborted run leaves no work behind on the cluster
-            try:
-                future.cancel()
-            except Exception:  # noqa: BLE001 - the client may be gone already
-                pass
+        return session.finish(started)

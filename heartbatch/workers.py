@@ -4,10 +4,10 @@
 exception, within a time limit; :func:`measure_files` also runs the model on
 a few of them in one batch, so only small records leave the process.
 :class:`DecodePool` runs one of them over many files in worker processes, a
-few files per task, with a bounded number of tasks in flight; a worker that
-dies (a decoder crash, the OOM killer) costs only the file that killed it:
-the files it had in flight are retried one at a time, and a file that kills
-a worker twice gets an `error` row.
+few files per task, scheduled by :func:`heartbatch.scheduler.schedule`; a
+worker that dies (a decoder crash, the OOM killer) costs only the file that
+killed it: the files it had in flight are retried one at a time, and a file
+that kills a worker twice gets an `error` row.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import os
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from functools import partial
-from itertools import islice
+from itertools import chain, islice
 
 import numpy as np
 
@@ -33,6 +31,7 @@ from .errors import FileTimeout, ReadError, Skipped
 from .model import ModelRef, worker_model
 from .pixels import preprocess
 from .records import ERROR, SKIPPED, Record, measure
+from .scheduler import Backend, Failed, chunks, schedule
 from .worker_context import INLINE_MAX_FILES, context
 
 DEFAULT_TIMEOUT = 60.0  # seconds per file; an 8000 x 8000 JPEG 2000 decodes in ~10 s here
@@ -126,23 +125,23 @@ def _end_with(main_pid: int) -> None:
     threading.Thread(target=watch, name="end-with-main", daemon=True).start()
 
 
-def _each(function, paths: list[str], size: int, timeout: float | None) -> list:
-    """A per-file function over one task's files."""
-    return [function(path, size, timeout) for path in paths]
+def prepare_files(paths: list[str], size: int, timeout: float | None = DEFAULT_TIMEOUT) -> list[Prepared | Record]:
+    """prepare() each of a task's files: :class:`DecodePool`'s default task."""
+    return [prepare(path, size, timeout) for path in paths]
 
 
 class DecodePool:
-    """A function over many paths in worker processes, results in completion order.
+    """A task function over many paths in worker processes, results in completion order.
 
-    ``function(path, size, timeout)`` handles one file (default :func:`prepare`);
     ``many(paths, size, timeout)`` handles a task's list of up to ``chunk`` files
-    at once (:func:`measure_files` batches their inference).  Both are module-level
-    functions (or partials of them), so worker processes can import them.
+    and returns one result per file, in order: :func:`prepare_files` (the default)
+    or :func:`measure_files` (which batches their inference).  It must be a
+    module-level function (or a partial of one), so worker processes can import it.
     """
 
-    def __init__(self, workers: int, size: int, timeout: float | None = DEFAULT_TIMEOUT, function=None,
-                 many=None, chunk: int = 1):
-        self._task = many if many is not None else partial(_each, function or prepare)
+    def __init__(self, workers: int, size: int, timeout: float | None = DEFAULT_TIMEOUT, many=prepare_files,
+                 chunk: int = 1):
+        self._task = many
         self.chunk = max(1, chunk)
         self.workers = workers
         self.size = size
@@ -168,59 +167,38 @@ class DecodePool:
     def map(self, paths: Iterable[str]) -> Iterator[Prepared | Record]:
         paths = iter(paths)
         head = list(islice(paths, INLINE_MAX_FILES + 1))
+        source = chunks(chain(head, paths), self.chunk)
         if self.workers <= 0 or len(head) <= INLINE_MAX_FILES:
-            rest = _chain(head, paths)
-            while chunk := list(islice(rest, self.chunk)):
+            for chunk in source:
                 yield from self._task(chunk, self.size, self.timeout)
             return
-        yield from self._parallel(_chain(head, paths))
-
-    def _parallel(self, source: Iterator[str]) -> Iterator[Prepared | Record]:
-        limit = self.workers * max(2, 4 // self.chunk)  # tasks in flight: each worker has its next one
-        pending: dict[Future, list[str]] = {}
-        suspects: deque[str] = deque()   # in flight when a worker died: retried one at a time
-        crashes: dict[str, int] = {}
-        exhausted = False
-        while pending or suspects or not exhausted:
-            retrying = suspects or any(p in crashes for chunk in pending.values() for p in chunk)
-            cap = 1 if retrying else limit
-            while len(pending) < cap:
-                if suspects:
-                    chunk = [suspects.popleft()]
-                elif not exhausted:
-                    chunk = list(islice(source, self.chunk))
-                    if not chunk:
-                        exhausted = True
-                        break
-                else:
-                    break
-                pending[self._pool().submit(self._task, chunk, self.size, self.timeout)] = chunk
-            if not pending:
-                continue
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            broken = False
-            for future in done:
-                chunk = pending.pop(future)
-                try:
-                    yield from future.result()
-                except BrokenProcessPool:
-                    broken = True
-                    for path in chunk:
-                        crashes[path] = crashes.get(path, 0) + 1
-                        if crashes[path] >= MAX_CRASHES:
-                            yield Record(path, ERROR, "the decoder crashed on this file (worker process died)",
-                                         code="crashed")
-                        else:
-                            suspects.append(path)
-            if broken:
-                for chunk in pending.values():  # lost with the pool: retry them singly
-                    for path in chunk:
-                        crashes[path] = crashes.get(path, 0)
-                        suspects.append(path)
-                pending.clear()
-                self._reset()
+        for results in schedule(_Processes(self), source):
+            yield from results
 
 
-def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
-    yield from head
-    yield from rest
+class _Processes(Backend):
+    """:func:`~heartbatch.scheduler.schedule` on the pool's worker processes.  A dead worker
+    breaks the whole pool: every task in flight fails with it and the pool is started anew."""
+
+    max_failures = MAX_CRASHES
+
+    def __init__(self, pool: DecodePool):
+        self.pool = pool
+
+    def limit(self) -> int:
+        return self.pool.workers * max(2, 4 // self.pool.chunk)  # each worker has its next task queued
+
+    def submit(self, chunk: list[str]) -> Future:
+        return self.pool._pool().submit(self.pool._task, chunk, self.pool.size, self.pool.timeout)
+
+    def wait(self, pending: Collection[Future]) -> set[Future]:
+        return wait(pending, return_when=FIRST_COMPLETED).done
+
+    def outcome(self, future: Future) -> list | Failed:
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            return Failed(exc, crashed=True, took_all=True)
+
+    def restart(self) -> None:
+        self.pool._reset()

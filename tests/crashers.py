@@ -1,10 +1,10 @@
 """Misbehaving stand-ins for :func:`heartbatch.workers.prepare`, for DecodePool tests.
 
-DecodePool runs ``function(path, size, timeout)`` in worker processes, so these
-live at module level where a worker can import them.  Each one behaves like a
-real decoder would on a pathological file, chosen by a marker in the file
-name, and otherwise calls the real ``prepare`` so the other files give real
-results.
+Each one behaves like a real decoder would on a pathological file, chosen by a
+marker in the file name, and otherwise calls the real ``prepare`` so the other
+files give real results.  :func:`each` makes one a DecodePool task (its
+``many=``), which worker processes run: so these live at module level, where a
+worker can import them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import heartbatch.workers as workers
@@ -19,6 +20,15 @@ import heartbatch.workers as workers
 #: How long a 'hang' file blocks: far longer than the time limits tests use,
 #: short enough that a pool without a time limit still ends.
 HANG_SECONDS = 30.0
+
+
+def each(function):
+    """A DecodePool task that runs ``function(path, size, timeout)`` on each of its files, in order."""
+    return partial(_each, function)
+
+
+def _each(function, paths: list[str], size: int, timeout: float | None) -> list:
+    return [function(path, size, timeout) for path in paths]
 
 
 def crash_on_marker(path: str, size: int, timeout: float | None):

@@ -558,7 +558,7 @@ def pool_files(tmp_path_factory, data_dir) -> list[str]:
 
 
 def _pool_results(function, paths, timeout=60.0, workers=2, chunk=1):
-    pool = DecodePool(workers=workers, size=224, timeout=timeout, function=function, chunk=chunk)
+    pool = DecodePool(workers=workers, size=224, timeout=timeout, many=crashers.each(function), chunk=chunk)
     try:
         started = time.monotonic()
         results = list(pool.map(paths))

@@ -24,11 +24,12 @@ from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
 from dicom_factory import monochrome1_twin, shared_png, shared_png_paths, to_bits, truncate, write_dicom
 from heartbatch import cli
-from heartbatch.distributed import (CRASH_REASON, DistributedError, ModelRef, WorkerModelError, parse_scheduler,
-                                    process_chunk, worker_model)
+from heartbatch.distributed import (DistributedError, ModelRef, WorkerModelError, parse_scheduler, process_chunk,
+                                    worker_model)
 from heartbatch.model import BoxModel
 from heartbatch.pipeline import RunOptions, run as local_run
 from heartbatch.report import COLUMNS
+from heartbatch.scheduler import CRASH_REASON
 
 try:
     import distributed
