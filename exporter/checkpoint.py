@@ -22,6 +22,7 @@ import torch
 
 import heartbatch
 from heartbatch.errors import HeartbatchError
+from heartbatch.files import replacing
 
 from .net import HeartBoxNet
 
@@ -145,4 +146,7 @@ def averaged_state(last: dict, model, metrics: dict, epochs: int) -> dict:
 
 
 def save(state: dict, path: Path) -> None:
-    torch.save(state, path)
+    """Through a temporary file and one rename: a run killed while saving keeps its previous
+    resume point whole."""
+    with replacing(path) as tmp:
+        torch.save(state, tmp)

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     from heartbatch.pixels import preprocess
 
     from . import content
-    from .onnxfile import metadata, set_metadata
+    from .onnxfile import metadata, save, set_metadata
     from .robustness import ctrs
 
     p = argparse.ArgumentParser(prog="trust-onnx", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     set_metadata(out, meta)
     onnx.checker.check_model(out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(out, str(args.out))
+    save(out, args.out)
     _print(evaluation, policy)
     if args.report:
         args.report.write_text(json.dumps(evaluation, indent=1, sort_keys=True))

@@ -7,7 +7,7 @@ the Dask worker) and returns the chunk's :class:`~heartbatch.records.Record`
 objects.  The client scans lazily, asks the ledger which files need a row,
 schedules the chunks as a local run does (:mod:`heartbatch.scheduler`: a
 bounded number in flight, failed ones retried file by file), and writes each returned chunk
-through the same :class:`~heartbatch.pipeline.ReportSession` as a local run,
+through the same :class:`~heartbatch.session.ReportSession` as a local run,
 so resume and exactly-once hold unchanged.
 
 Failures: a worker that dies has its tasks rescheduled by Dask on other
@@ -36,7 +36,8 @@ from pathlib import Path
 
 from .errors import DistributedError, ExitCode
 from .model import BoxModel, ModelRef, WorkerModelError, worker_model  # noqa: F401 - re-exported
-from .pipeline import ReportSession, RunOptions, RunResult, Runner
+from .pipeline import RunOptions, Runner
+from .session import ReportSession, RunResult
 from .records import Record
 from .scheduler import Backend, Failed, chunks, schedule
 
@@ -246,8 +247,8 @@ class _DaskTasks(Backend):
 
 def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions | None = None,
         on_records: Callable[[list[Record]], None] | None = None, state_dir: Path | None = None,
-        force: bool = False, on_unchanged: Callable[[], None] | None = None, *,
-        scheduler, chunk_size: int | None = None, max_in_flight: int | None = None) -> RunResult:
+        force: bool = False, on_unchanged: Callable[[], None] | None = None,
+        on_total: Callable[[int], None] | None = None, *, scheduler, chunk_size: int | None = None, max_in_flight: int | None = None) -> RunResult:
     """:func:`heartbatch.pipeline.run` on a Dask cluster; same arguments, same result.
 
     ``scheduler``: ``"tcp://host:8786"``, ``"local:N"``, a scheduler file, a
@@ -268,7 +269,7 @@ def run(paths: list[str | Path], out: Path, model: BoxModel, options: RunOptions
             if on_records is not None:
                 on_records(records)
 
-        todo = chunks((str(p) for p in session.todo(paths, on_unchanged)), size)
+        todo = chunks((str(p) for p in session.todo(paths, on_unchanged, on_total)), size)
         first = next(todo, None)
         if first is not None:  # nothing new: no cluster to start
             with connect(scheduler) as (client, local_workers):
