@@ -56,13 +56,15 @@ def build(corpus: Path) -> None:
     print(f"{corpus}: {n_shared} shared chest DICOMs, {n_packages} package files")
 
 
-def run(corpus: Path, out: Path, tree: Path) -> None:
+def run(corpus: Path, out: Path, tree: Path, model: Path | None = None) -> None:
     for name, workers in (("inprocess", "0"), ("workers", "2")):
         folder = out / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         cmd = [sys.executable, "-m", "heartbatch", "run", str(corpus), "--out", str(folder / "report.csv"),
                "--debug", "--html", str(folder / "report.html"), "--quiet", "--workers", workers]
+        if model is not None:
+            cmd += ["--model", str(model)]
         result = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
         (folder / "stdout.txt").write_text(result.stdout)
         (folder / "exit.txt").write_text(f"{result.returncode}\n")
@@ -112,6 +114,7 @@ def main() -> int:
     r.add_argument("corpus", type=Path)
     r.add_argument("out", type=Path)
     r.add_argument("--tree", type=Path, default=REPO, help="checkout whose code runs (default: this one)")
+    r.add_argument("--model", type=Path, help="ONNX model for both runs (default: each checkout's shipped model)")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -119,7 +122,7 @@ def main() -> int:
     if args.command == "build":
         build(args.corpus)
     elif args.command == "run":
-        run(args.corpus.resolve(), args.out.resolve(), args.tree.resolve())
+        run(args.corpus.resolve(), args.out.resolve(), args.tree.resolve(), args.model.resolve() if args.model else None)
     else:
         return compare(args.a, args.b)
     return 0
