@@ -23,13 +23,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from heartbatch.errors import HeartbatchError
+
 FEATURES = "trust_features"
 LAYER4_DIMS = 512
 PREFIX = "trust/"  # every node and initializer this module adds
 OUTPUTS = ("chest_score", "uncertainty", "content", "chest_distance", FEATURES)
 
 
-class SurgeryError(ValueError):
+class SurgeryError(HeartbatchError, ValueError):
     """The graph is not one heartbatch network export (e.g. an ensemble)."""
 
 
