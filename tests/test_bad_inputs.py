@@ -116,14 +116,16 @@ CASES: dict[str, Case] = {
 }
 
 #: Makes the run's interpreter (and its worker processes, through PYTHONPATH)
-#: look like an installation without pylibjpeg-libjpeg, the only JPEG-LS
-#: decoder installed here: `import libjpeg` fails and its pylibjpeg plugin
-#: entry points are gone, exactly as when the package is not installed.
+#: look like an installation without a JPEG-LS decoder: neither pylibjpeg-libjpeg
+#: (`import libjpeg` fails and its pylibjpeg plugin entry points are gone) nor
+#: pyjpegls (which highdicom brings; `import jpeg_ls` fails), exactly as when the
+#: packages are not installed.
 SITECUSTOMIZE = '''\
 import sys
 from importlib import metadata
 
 sys.modules["libjpeg"] = None
+sys.modules["jpeg_ls"] = None
 _entry_points = metadata.entry_points
 
 
@@ -416,7 +418,7 @@ def test_non_utf8_file_name_does_not_stop_the_run(tmp_path, data_dir, box8_model
 
 @slow
 def test_jpeg_ls_error_is_only_the_missing_decoder(corpus_run):
-    """The same JPEG-LS file decodes where pylibjpeg-libjpeg is installed (as in this process)."""
+    """The same JPEG-LS file decodes where a JPEG-LS decoder is installed (as in this process)."""
     path = corpus_run.root / "jpeg_ls.dcm"
     assert isinstance(prepare(str(path), 224, timeout=60), Prepared)
 
