@@ -101,9 +101,3 @@ class ReadError(FileProblem):
 class FileTimeout(BaseException):
     """Reading one file took longer than --timeout. A BaseException, so no library's
     `except Exception` swallows the time limit."""
-
-
-def first_line(exc: BaseException, limit: int | None = None) -> str:
-    """An exception's message as one line (its first), for a report cell or an error message."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if limit is None else text[:limit]

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import contract
 from .confidence import Prediction
-from .errors import ContractError, WorkerModelError, first_line
+from .errors import ContractError, WorkerModelError
 from .files import sha256_file
 from .pixels import PIPELINE_VERSION
 
@@ -74,7 +74,9 @@ def _session(path: Path, threads: int | None):
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ContractError(f"{path}: not a loadable ONNX model ({first_line(exc, 300)})") from None
+        from . import sanitize  # (imports pydicom: only on this path)
+
+        raise ContractError(f"{path}: not a loadable ONNX model ({sanitize.message(exc, 300)})") from None
 
 
 def _check(session, path: Path) -> ModelInfo:
@@ -192,7 +194,7 @@ class ModelRef:
 
 
 class _Loaded:
-    """The models this process has loaded, by (resolved path, content hash): the one cache for
+    """The models this process has loaded, by a key that changes with the file: the one cache for
     worker processes, the client's own copy and the Python API. Bounded (least recently used
     goes), so a long-lived process (watch, a Dask worker, a notebook) does not pin every model
     it ever used."""
@@ -200,47 +202,32 @@ class _Loaded:
     def __init__(self, size: int = 4):
         self.size = size
         self.lock = threading.Lock()
-        self.models: OrderedDict[tuple[str, str], BoxModel] = OrderedDict()
-        self.ids: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> content hash
+        self.models: OrderedDict[tuple, BoxModel] = OrderedDict()
 
-    def get(self, key: tuple[str, str], load=None) -> BoxModel | None:
+    def get(self, key: tuple, load) -> BoxModel:
+        """The model under ``key``, from ``load()`` (kept) the first time."""
         with self.lock:
             model = self.models.get(key)
-            if model is None and load is not None:
-                model = self.put(key, load())
-            elif model is not None:
-                self.models.move_to_end(key)
+            if model is None:
+                model = self.models[key] = load()
+            self.models.move_to_end(key)
+            while len(self.models) > self.size:
+                self.models.popitem(last=False)
             return model
-
-    def put(self, key: tuple[str, str], model: BoxModel) -> BoxModel:
-        """(Caller holds the lock when called from get.)"""
-        self.models[key] = model
-        self.models.move_to_end(key)
-        while len(self.models) > self.size:
-            self.models.popitem(last=False)
-        return model
 
 
 _LOADED = _Loaded()
 
 
 def shared_model(path: str | Path | None = None) -> BoxModel:
-    """The model at ``path`` (default: the shipped one), loaded once while its file is unchanged."""
+    """The model at ``path`` (default: the shipped one), loaded once while its file is unchanged
+    (the key is its size and mtime: hashing 13 MB on every API call would cost more than a film)."""
     path = Path(path).resolve() if path is not None else default_model_path().resolve()
     try:
         stat = path.stat()
     except OSError:
         return BoxModel(path)  # let BoxModel say what is wrong with the path
-    stamp = (str(path), stat.st_size, stat.st_mtime_ns)
-    model_id = _LOADED.ids.get(stamp)
-    if model_id is not None:
-        model = _LOADED.get((str(path), model_id))
-        if model is not None:
-            return model
-    model = BoxModel(path)
-    _LOADED.ids[stamp] = model.info.model_id
-    with _LOADED.lock:
-        return _LOADED.put((str(path), model.info.model_id), model)
+    return _LOADED.get(("file", str(path), stat.st_size, stat.st_mtime_ns), lambda: BoxModel(path))
 
 
 def _where() -> str:
@@ -255,10 +242,7 @@ def _where() -> str:
 def remember(model: BoxModel) -> ModelRef:
     """Register an already loaded model, so this process never loads its file twice."""
     ref = ModelRef.of(model)
-    key = (ref.path, ref.model_id)
-    with _LOADED.lock:
-        if key not in _LOADED.models:
-            _LOADED.put(key, model)
+    _LOADED.get((ref.path, ref.model_id), lambda: model)
     return ref
 
 
