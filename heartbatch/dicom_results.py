@@ -171,41 +171,10 @@ def _software_version() -> str:
 
 # --- highdicom, once per process ------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
 def _highdicom():
-    """Import highdicom, once per process memoizing its IOD table look-up.
-
-    ``is_attribute_in_iod(keyword, sop_class_uid)`` scans the IOD's module tables of the standard
-    on every call, and highdicom asks it the same questions for every object we write (is the
-    source image multi-frame? does an SR have Content Date?): 10 calls, about 4 ms of the ~40 ms an
-    SR plus presentation state took. Its answer depends on nothing but its arguments and the
-    tables shipped with highdicom, so a memo is exact. Calls with unhashable arguments go to the
-    original; where highdicom no longer has the function (or not under that name), nothing is
-    changed."""
+    """highdicom, imported when a result is written (an optional dependency)."""
     import highdicom as hd
-    import importlib
 
-    try:
-        standard = importlib.import_module("highdicom._standard_utils")
-        original = standard.is_attribute_in_iod
-    except (ImportError, AttributeError):
-        return hd
-    if getattr(original, "_heartbatch_memo", False):
-        return hd
-    memo = functools.lru_cache(maxsize=256)(original)
-
-    @functools.wraps(original)
-    def is_attribute_in_iod(*args, **kwargs):
-        try:
-            return memo(*args, **kwargs)
-        except TypeError:  # an unhashable argument (exclude_path_elements as a list)
-            return original(*args, **kwargs)
-
-    is_attribute_in_iod._heartbatch_memo = True
-    for name in ("highdicom._standard_utils", "highdicom.base", "highdicom.sr.content"):
-        module = importlib.import_module(name)
-        if getattr(module, "is_attribute_in_iod", None) is original:
-            module.is_attribute_in_iod = is_attribute_in_iod
     return hd
 
 
