@@ -64,6 +64,35 @@ def _add_common(p) -> None:
                    help="seconds allowed to read one file before it gets an error row (60)")
     p.add_argument("--debug", action="store_true",
                    help="write every skipped/error file, with full tracebacks, to <report>.debug.log")
+    _add_dicom_out(p)
+
+
+def _add_dicom_out(p) -> None:
+    p.add_argument("--dicom-out", type=Path, metavar="DIR",
+                   help="for every ok row, also write DICOM results to DIR: a TID 1500 measurement report (SR) "
+                        "and a presentation state drawing the boxes, referencing the image and filed in its "
+                        "study (needs heartbatch[dicom])")
+    p.add_argument("--dicom-out-capture", action="store_true",
+                   help="with --dicom-out: a secondary capture with the boxes burned in instead of the "
+                        "presentation state, for viewers without presentation-state support")
+
+
+def _check_dicom_out(args) -> None:
+    if args.dicom_out_capture and not args.dicom_out:
+        raise UsageError("--dicom-out-capture needs --dicom-out DIR")
+    if not args.dicom_out:
+        return
+    if args.dicom_out.exists() and not args.dicom_out.is_dir():
+        raise UsageError(f"--dicom-out {args.dicom_out} is a file; give a folder")
+    _require("highdicom", "--dicom-out")
+
+
+def _require(module: str, what: str) -> None:
+    """An optional dependency of the [dicom] extra, or a usage error that says how to install it."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs {module}: pip install 'heartbatch[dicom]'")
 
 
 #: Attribute that marks the --debug log handler; its value is the logger level to restore.
@@ -119,8 +148,50 @@ def _add_watch(sub) -> None:
                    help="seconds a file must stay unchanged before it is read (1.0)")
     p.add_argument("--incomplete-grace", type=float, default=30.0,
                    help="a file modified this recently that fails to parse is re-checked, not reported (30)")
+    _add_send_to(p)
     p.add_argument("--quiet", action="store_true", help="no per-batch lines")
     p.set_defaults(func=cmd_watch)
+
+
+def _add_listen(sub) -> None:
+    p = sub.add_parser(
+        "listen", help="receive chest films by DICOM C-STORE and measure each one (a Storage SCP)",
+        description="A DICOM Storage SCP (C-STORE of CR, DX and secondary-capture images; C-ECHO). Each "
+                    "instance is stored under <state>/received/ before it is acknowledged, then measured by "
+                    "the `watch` pipeline into the same report and ledger: one row per instance, exactly once, "
+                    "resumed after a restart. With --send-to, the DICOM results go back by C-STORE, retried "
+                    "until the destination has them. Stop with Ctrl-C or SIGTERM.",
+        epilog="Point the PACS at this machine's address, --port and --ae-title (a DICOM node or modality). "
+               "Needs heartbatch[dicom].")
+    p.add_argument("--port", type=int, default=11112, help="TCP port to listen on (11112; 0: any free port)")
+    p.add_argument("--ae-title", default="HEARTBATCH", type=_ae_title,
+                   help="this node's AE title: callers must address it (HEARTBATCH)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (0.0.0.0: all; 127.0.0.1: this machine only)")
+    p.add_argument("--allow", action="append", default=[], type=_ae_title, metavar="AET",
+                   help="accept associations only from this calling AE title (repeat for several; default: any)")
+    p.add_argument("--max-associations", type=positive_int, default=8, help="associations served at once (8)")
+    p.add_argument("--max-instance-mb", type=positive_int, default=1024,
+                   help="refuse an instance larger than this many MiB (1024)")
+    p.add_argument("--network-timeout", type=float, default=60.0,
+                   help="seconds of silence before an association is dropped (60)")
+    _add_common(p)
+    _add_send_to(p)
+    p.add_argument("--quiet", action="store_true", help="no per-instance lines")
+    p.set_defaults(func=cmd_listen)
+
+
+def _add_send_to(p) -> None:
+    p.add_argument("--send-to", metavar="AET@HOST:PORT",
+                   help="send the DICOM results (SR and presentation state or capture) by C-STORE to this node, "
+                        "e.g. PACS@10.0.0.5:104; queued in the ledger and retried until stored (default "
+                        "results folder without --dicom-out: <state>/results)")
+
+
+def _ae_title(text: str) -> str:
+    text = text.strip()
+    if not 0 < len(text) <= 16 or "\\" in text or not text.isprintable():
+        raise argparse.ArgumentTypeError("an AE title is 1 to 16 printable characters, no backslash")
+    return text
 
 
 def _add_report(sub) -> None:
@@ -179,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_watch(sub)
+    _add_listen(sub)
     _add_report(sub)
     _add_show(sub)
     from .evaluate import add_parser as add_evaluate
@@ -224,6 +296,7 @@ def cmd_run(args) -> int:
 
     console = Console(stderr=True)
     _check_inputs(args.paths, args.out)
+    _check_dicom_out(args)
     if args.scheduler:
         from functools import partial
 
@@ -246,7 +319,9 @@ def cmd_run(args) -> int:
                           "summary_md": str(result.summary_md), **({"html": str(html)} if html else {}),
                           "model_id": model.info.model_id,
                           "files": total, "processed": result.processed, "unchanged": result.unchanged,
-                          **result.counts, "seconds": round(result.seconds, 3)}))
+                          **result.counts, "seconds": round(result.seconds, 3),
+                          **({"dicom_out": str(args.dicom_out), "dicom_results": result.dicom_results,
+                              "dicom_failed": len(result.dicom_failed)} if args.dicom_out else {})}))
     else:
         print_summary(console, result, model.info)
         if html is not None:
@@ -291,6 +366,7 @@ def cmd_watch(args) -> int:
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         raise UsageError(f"not a folder: {', '.join(missing)}")
+    _check_dicom_out(args)
     _start_workers_early(args.dirs, args.workers)
     model = _load_model(args.model, args.threads, console)
     from .pipeline import RunOptions
@@ -310,14 +386,85 @@ def cmd_watch(args) -> int:
             console.print(f"{time.strftime('%H:%M:%S')} caught up ({present} files present at start); "
                           "waiting for new files", highlight=False)
 
+    destination = _destination(args)
+    if destination is not None and options.dicom_out is None:
+        raise UsageError("watch --send-to needs --dicom-out DIR (where the results are written before they are sent)")
     watcher = Watcher(args.dirs, args.out, model, options, wopts, args.state, on_records=report,
-                      on_caught_up=caught_up)
+                      on_caught_up=caught_up, send_to=str(destination) if destination else None)
+    sender = None
+    if destination is not None:
+        from .send import Sender
+
+        sender = Sender(watcher.session.files.state_dir, destination).start()
+        watcher.on_records = lambda records: (report(records), sender.wake())
     if not args.quiet:
         console.print(f"watching {', '.join(map(str, args.dirs))} -> {args.out} "
                       f"(model {model.info.model_id}; Ctrl-C to stop)", highlight=False)
-    code = watcher.run()
+    try:
+        code = watcher.run()
+    finally:
+        if sender is not None:
+            sender.stop()
     if not args.quiet:
         console.print(f"stopped; {watcher.processed} rows written this session")
+    return code
+
+
+def _destination(args):
+    if not getattr(args, "send_to", None):
+        return None
+    from .send import Destination
+
+    destination = Destination.parse(args.send_to)
+    _require("pynetdicom", "--send-to")
+    _require("highdicom", "--send-to")
+    return destination
+
+
+def cmd_listen(args) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    _require("pynetdicom", "listen")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port {args.port}: not a TCP port")
+    _check_dicom_out(args)
+    destination = _destination(args)
+    _start_workers_early(["."], args.workers)
+    model = _load_model(args.model, args.threads, console)
+    from .listen import ListenOptions, Listener
+    from .pipeline import RunOptions
+
+    listen = ListenOptions(port=args.port, ae_title=args.ae_title, host=args.host, allow=tuple(args.allow),
+                           max_associations=args.max_associations,
+                           max_instance_bytes=args.max_instance_mb << 20, timeout=args.network_timeout)
+
+    def stored(path: Path, calling: str, duplicate: bool) -> None:
+        if not args.quiet:
+            console.print(f"{time.strftime('%H:%M:%S')} received {path.stem} from {calling}"
+                          + (" (again: already stored)" if duplicate else ""), highlight=False)
+
+    def measured(records) -> None:
+        if not args.quiet:
+            for r in records:
+                what = f"CTR {r.ctr:.3f}" if r.ok and r.ctr is not None else f"{r.status}: {r.reason}"
+                console.print(f"{time.strftime('%H:%M:%S')} {Path(r.path).stem}: {what}", highlight=False)
+
+    listener = Listener(args.out, model, RunOptions.from_args(args), listen, args.state, destination,
+                        on_records=measured, on_stored=stored)
+    listener.start_server()
+    if not args.quiet:
+        console.print(f"listening as {args.ae_title} on {args.host}:{listener.port} -> {args.out} "
+                      f"(model {model.info.model_id}"
+                      + (f"; results to {destination}" if destination else "") + "; Ctrl-C to stop)", highlight=False)
+    if args.quiet:
+        print(json.dumps({"listening": {"ae_title": args.ae_title, "host": args.host, "port": listener.port},
+                          "report": str(args.out)}), flush=True)
+    code = listener.run()
+    if not args.quiet:
+        console.print(f"stopped; {listener.stored} instances stored ({listener.duplicates} sent again), "
+                      f"{listener.watcher.processed} rows written this session"
+                      + (f", {listener.sender.sent} results sent" if listener.sender else ""), highlight=False)
     return code
 
 
@@ -420,7 +567,13 @@ def print_summary(console, result, info) -> None:
     table.add_row("model", f"{info.path.name} ({info.model_id})")
     table.add_row("report", str(result.report))
     table.add_row("summaries", f"{result.summary_json}\n{result.summary_md}")
+    if result.dicom_out is not None:
+        table.add_row("DICOM results", f"{result.dicom_results} files written to {result.dicom_out}")
     console.print(table)
+    for path, why in result.dicom_failed[:10]:
+        _fail(console, f"{path}: DICOM results not written ({why}); the next run tries again", "warning")
+    if len(result.dicom_failed) > 10:
+        _fail(console, f"DICOM results not written for {len(result.dicom_failed) - 10} more files", "warning")
 
 
 def _explain(exc: HeartbatchError) -> None:

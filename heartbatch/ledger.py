@@ -10,6 +10,11 @@ ledger is the source of truth; the CSV is its readable copy:
   from it if they differ (a crash mid-append, a replaced row);
 * so ``kill -9`` at any moment, then a re-run, leaves each file exactly once,
   and a re-run with nothing new leaves the report byte-identical.
+
+With ``--dicom-out``, a row's DICOM result files (written before the row is committed; their
+names are deterministic, so a file re-measured after a crash replaces them) are recorded with the
+row, and with ``--send-to`` the results still to send are queued in the ``outbox`` table in the
+same transaction: a row and its queued results are committed together or not at all.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LedgerError
@@ -51,6 +56,50 @@ def _upgradable(old: list[str], new: list[str]) -> bool:
     from .report import COLUMNS
 
     return [c for c in new if c in old] == old and all(c in COLUMNS for c in new if c not in old)
+
+
+@dataclass(frozen=True)
+class Results:
+    """A row's DICOM results: where they went (``key``: the --dicom-out folder and mode), the file
+    names written there, and why none were (an error: the next run measures the file again)."""
+    key: str = ""
+    folder: str = ""
+    files: tuple[str, ...] = ()
+    error: str = ""
+
+    def done(self, key: str) -> bool:
+        return self.key == key and not self.error
+
+    def paths(self) -> set[str]:
+        return {os.path.join(self.folder, name) for name in self.files}
+
+    def dumps(self) -> str:
+        if not self.key:
+            return ""
+        return json.dumps({"key": self.key, "folder": self.folder, "files": list(self.files), "error": self.error})
+
+    @classmethod
+    def loads(cls, text: str) -> "Results":
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(data["key"], data["folder"], tuple(data["files"]), data.get("error", ""))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row to commit: the file's ledger key, fingerprint and settings, its CSV row, its results."""
+    path: str
+    fingerprint: Fingerprint
+    settings: str
+    row: str
+    results: Results = Results()
+
+
+@dataclass
+class Committed:
+    replaced: int = 0                                 # rows that replaced a row (the CSV needs a rewrite)
+    obsolete: list[str] = field(default_factory=list)  # result files the new results superseded
 
 
 def key_of(path: str) -> str:
@@ -83,7 +132,18 @@ class Ledger:
                 seq INTEGER NOT NULL
             );
             CREATE INDEX IF NOT EXISTS files_seq ON files(seq);
+            CREATE TABLE IF NOT EXISTS outbox (
+                file TEXT NOT NULL,
+                destination TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_try REAL NOT NULL DEFAULT 0,
+                last_error TEXT NOT NULL DEFAULT '',
+                PRIMARY KEY (file, destination)
+            );
         """)
+        if "results" not in {c[1] for c in self._db.execute("PRAGMA table_info(files)")}:
+            # ledgers written before --dicom-out: their rows have no results recorded
+            self._db.execute("ALTER TABLE files ADD COLUMN results TEXT NOT NULL DEFAULT ''")
 
     # -- settings -----------------------------------------------------------
     def bind(self, columns: list[str]) -> None:
@@ -133,9 +193,14 @@ class Ledger:
         self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     # -- queries ------------------------------------------------------------
-    def is_current(self, path: str, fingerprint: Fingerprint, settings: str) -> bool:
-        row = self._db.execute("SELECT size, mtime_ns, settings FROM files WHERE path=?", (path,)).fetchone()
-        return row is not None and row == (fingerprint.size, fingerprint.mtime_ns, settings)
+    def is_current(self, path: str, fingerprint: Fingerprint, settings: str, results: str | None = None) -> bool:
+        """The file's row is current: same size, mtime and settings, and, when ``results`` (a
+        --dicom-out key) is given, its results were written to that destination."""
+        row = self._db.execute("SELECT size, mtime_ns, settings, results FROM files WHERE path=?",
+                               (path,)).fetchone()
+        if row is None or row[:3] != (fingerprint.size, fingerprint.mtime_ns, settings):
+            return False
+        return results is None or Results.loads(row[3]).done(results)
 
     def rows(self) -> Iterator[str]:
         for (row,) in self._db.execute("SELECT row FROM files ORDER BY seq"):
@@ -145,35 +210,85 @@ class Ledger:
         return self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
 
     # -- updates ------------------------------------------------------------
-    def commit(self, entries: Iterable[tuple[str, Fingerprint, str, str]]) -> int:
-        """Store (path, fingerprint, settings, csv_row) in one transaction.
-
-        Returns how many entries replaced an existing row (so the CSV needs
-        a rewrite to drop the old ones).
-        """
+    def commit(self, entries: Iterable[Entry], send_to: str | None = None) -> Committed:
+        """Store rows (with their results) in one transaction; with ``send_to``, queue each
+        entry's result files for that destination in the same transaction."""
         entries = list(entries)
+        done = Committed()
         if not entries:
-            return 0
+            return done
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM files").fetchone()[0]
-            replaced = 0
-            for path, fp, settings, row in entries:
+            for entry in entries:
                 seq += 1
-                replaced += db.execute("SELECT 1 FROM files WHERE path=?", (path,)).fetchone() is not None
-                db.execute("INSERT OR REPLACE INTO files(path, size, mtime_ns, settings, row, seq) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (path, fp.size, fp.mtime_ns, settings, row, seq))
+                old = db.execute("SELECT results FROM files WHERE path=?", (entry.path,)).fetchone()
+                if old is not None:
+                    done.replaced += 1
+                    done.obsolete += Results.loads(old[0]).paths() - entry.results.paths()
+                db.execute("INSERT OR REPLACE INTO files(path, size, mtime_ns, settings, row, seq, results) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (entry.path, entry.fingerprint.size, entry.fingerprint.mtime_ns, entry.settings,
+                            entry.row, seq, entry.results.dumps()))
+                if send_to:
+                    for file in sorted(entry.results.paths()):
+                        db.execute("INSERT OR REPLACE INTO outbox(file, destination) VALUES (?, ?)", (file, send_to))
+            for file in done.obsolete:  # a superseded result is not sent any more
+                db.execute("DELETE FROM outbox WHERE file=?", (file,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return replaced
+        return done
 
     def clear(self) -> None:
+        """Forget the rows (--force); results still queued for sending stay queued."""
         self._db.execute("DELETE FROM files")
         self._db.execute("DELETE FROM meta")
 
     def close(self) -> None:
         self._db.close()
         self._lock.close()  # releases the flock
+
+
+@dataclass(frozen=True)
+class Queued:
+    file: str
+    attempts: int
+    last_error: str
+
+
+class Outbox:
+    """The results queued for sending (``--send-to``), seen through a connection of its own so that
+    the sending thread works beside the one that commits rows (SQLite's WAL lets both)."""
+
+    def __init__(self, state_dir: Path, destination: str):
+        self.destination = destination
+        self._db = sqlite3.connect(Path(state_dir) / "ledger.sqlite", isolation_level=None, timeout=30,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA synchronous=FULL")
+
+    def due(self, now: float, limit: int = 64) -> list[Queued]:
+        rows = self._db.execute("SELECT file, attempts, last_error FROM outbox WHERE destination=? AND next_try<=? "
+                                "ORDER BY next_try, file LIMIT ?", (self.destination, now, limit)).fetchall()
+        return [Queued(*row) for row in rows]
+
+    def pending(self) -> list[Queued]:
+        rows = self._db.execute("SELECT file, attempts, last_error FROM outbox WHERE destination=? ORDER BY file",
+                                (self.destination,)).fetchall()
+        return [Queued(*row) for row in rows]
+
+    def next_try(self) -> float | None:
+        row = self._db.execute("SELECT MIN(next_try) FROM outbox WHERE destination=?", (self.destination,)).fetchone()
+        return row[0]
+
+    def sent(self, file: str) -> None:
+        self._db.execute("DELETE FROM outbox WHERE file=? AND destination=?", (file, self.destination))
+
+    def failed(self, file: str, error: str, next_try: float) -> None:
+        self._db.execute("UPDATE outbox SET attempts=attempts+1, next_try=?, last_error=? WHERE file=? AND destination=?",
+                         (next_try, error, file, self.destination))
+
+    def close(self) -> None:
+        self._db.close()

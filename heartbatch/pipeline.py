@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from .confidence import Policy
+from .dicom_results import ResultOptions
 from .model import BoxModel, remember
 from .records import Record
 from .session import ReportSession, RunResult
@@ -38,13 +39,15 @@ class RunOptions:
     timeout: float | None = DEFAULT_TIMEOUT  # seconds per file
     content_check: bool = True       # refuse films that are not frontal chest films by their pixels
     min_chest_score: float | None = None  # None: the threshold the model recommends (its metadata)
+    dicom_out: ResultOptions | None = None  # --dicom-out: write each ok row's DICOM results (SR + PR or SC)
 
     @classmethod
     def from_args(cls, args) -> "RunOptions":
         """The options of `run` and `watch` from their parsed command line."""
         return cls(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
                    include_patient_id=args.include_patient_id, threads=args.threads, timeout=args.timeout,
-                   content_check=args.content_check, min_chest_score=args.min_chest_score)
+                   content_check=args.content_check, min_chest_score=args.min_chest_score,
+                   dicom_out=ResultOptions(args.dicom_out.absolute(), args.dicom_out_capture) if args.dicom_out else None)
 
     def policy(self, model: BoxModel) -> Policy:
         return Policy.for_model(model.info.metadata, self.threshold, self.content_check, self.min_chest_score)
@@ -59,7 +62,8 @@ class Runner:
         workers = (os.cpu_count() or 1) if workers is None else workers
         threads = self.options.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
         # this process's copy serves inline files; workers load theirs once (and check its hash)
-        task = partial(measure_files, model=remember(model), policy=self.options.policy(model), threads=threads)
+        task = partial(measure_files, model=remember(model), policy=self.options.policy(model), threads=threads,
+                       results=self.options.dicom_out)
         # the pool outlives one call to process(), so `watch` starts its workers once
         self.pool = DecodePool(workers, model.info.input_size, self.options.timeout, many=task,
                                chunk=FILES_PER_TASK)

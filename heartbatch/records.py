@@ -35,6 +35,8 @@ class Record:
     review_reason: str = ""
     detail: str = ""                  # traceback for --debug logs; never written to the report
     code: str = ""                    # short machine-readable reason ("not_dicom", "truncated"...); not in the CSV
+    results: tuple[str, ...] = ()     # --dicom-out: names of the DICOM result files written for this row
+    results_error: str = ""           # --dicom-out: why they could not be written
 
     @property
     def ok(self) -> bool:

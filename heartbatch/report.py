@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .files import replacing
-from .ledger import key_of
+from .ledger import Entry, Results, key_of
 from .records import Record
 
 COLUMNS = [
@@ -112,17 +112,21 @@ class Report:
             for chunk in self._expected():
                 fh.write(chunk)
 
-    def write(self, records: list[Record], fingerprints: dict, settings: str) -> None:
-        """Commit a batch to the ledger, then append it to the CSV."""
+    def write(self, records: list[Record], fingerprints: dict, settings: str,
+              results: list[Results] | None = None, send_to: str | None = None) -> list[str]:
+        """Commit a batch (with each row's DICOM results) to the ledger, then append it to the CSV.
+        Returns the result files that the batch superseded."""
         if not records:
-            return
+            return []
         rows = [format_rows([r], self.include_patient_id) for r in records]
-        replaced = self.ledger.commit((key_of(r.path), fingerprints[r.path], settings, row)
-                                      for r, row in zip(records, rows))
-        self._stale |= replaced > 0
+        results = results or [Results()] * len(records)
+        done = self.ledger.commit((Entry(key_of(r.path), fingerprints[r.path], settings, row, res)
+                                   for r, row, res in zip(records, rows, results)), send_to)
+        self._stale |= done.replaced > 0
         self._fh.write("".join(rows))
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        return done.obsolete
 
     def sync(self) -> None:
         """Drop the rows that re-measured files superseded, now (watch calls this after each batch)."""

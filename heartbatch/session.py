@@ -27,11 +27,13 @@ class ReportFiles:
 
     report: Path
     state_dir: Path
+    dicom_out: Path | None = None   # --dicom-out: the DICOM results folder
 
     @classmethod
-    def of(cls, report: Path, state_dir: Path | None = None) -> "ReportFiles":
+    def of(cls, report: Path, state_dir: Path | None = None, dicom_out: Path | None = None) -> "ReportFiles":
         report = Path(report)
-        return cls(report, Path(state_dir) if state_dir else report.with_name(report.name + ".state"))
+        return cls(report, Path(state_dir) if state_dir else report.with_name(report.name + ".state"),
+                   Path(dicom_out) if dicom_out else None)
 
     @property
     def _stem(self) -> Path:
@@ -52,7 +54,8 @@ class ReportFiles:
     @property
     def outputs(self) -> list[Path]:
         """Everything a run writes, so that scanning a folder that holds the report skips them."""
-        return [self.report, self.summary_json, self.summary_md, self.debug_log, self.state_dir]
+        extra = [self.dicom_out] if self.dicom_out else []
+        return [self.report, self.summary_json, self.summary_md, self.debug_log, self.state_dir, *extra]
 
 
 @dataclass
@@ -64,6 +67,9 @@ class RunResult:
     unchanged: int = 0                                     # files already in the report
     summary: dict = field(default_factory=dict)
     seconds: float = 0.0
+    dicom_out: Path | None = None                          # --dicom-out folder
+    dicom_results: int = 0                                 # DICOM result files written (--dicom-out)
+    dicom_failed: list[tuple[str, str]] = field(default_factory=list)  # (file, why) results not written
 
     @property
     def processed(self) -> int:
@@ -78,11 +84,13 @@ def settings_key(model, options) -> str:
 class ReportSession:
     """A report with its ledger, opened for writing: shared by `run`, `watch` and the Dask runner."""
 
-    def __init__(self, out: Path, model, options, state_dir: Path | None = None, force: bool = False):
+    def __init__(self, out: Path, model, options, state_dir: Path | None = None, force: bool = False,
+                 send_to: str | None = None):
         from .ledger import Ledger
         from .report import Report, columns
 
-        self.files = ReportFiles.of(out, state_dir)
+        dicom_out = options.dicom_out
+        self.files = ReportFiles.of(out, state_dir, dicom_out.out_dir if dicom_out else None)
         self.out, self.model, self.options = self.files.report, model, options
         self.ledger = Ledger(self.files.state_dir)
         try:
@@ -94,16 +102,22 @@ class ReportSession:
             self.ledger.close()
             raise
         self.settings = settings_key(model, options)
+        self.results_key = dicom_out.key() if dicom_out else None
+        self.send_to = send_to
+        if dicom_out:
+            _prepare_results_folder(dicom_out.out_dir)
         self._fingerprints: dict = {}
         self.counts = {str(s): 0 for s in Status}  # rows written by this session
         self.unchanged = 0
+        self.dicom_results = 0
+        self.dicom_failed: list[tuple[str, str]] = []
 
     def needs(self, path: str | Path) -> bool:
         """True when the file is new or changed since its row was written (remembers its fingerprint)."""
         from .ledger import Fingerprint, key_of
 
         fingerprint = Fingerprint.of(path)
-        if self.ledger.is_current(key_of(str(path)), fingerprint, self.settings):
+        if self.ledger.is_current(key_of(str(path)), fingerprint, self.settings, self.results_key):
             return False
         self._fingerprints[str(path)] = fingerprint
         return True
@@ -128,7 +142,10 @@ class ReportSession:
                     on_unchanged()
 
     def write(self, records: list) -> None:
-        self.report.write(records, self._fingerprints, self.settings)
+        results = [self._results(r) for r in records] if self.results_key else None
+        obsolete = self.report.write(records, self._fingerprints, self.settings, results, self.send_to)
+        for file in obsolete:  # results of an earlier measurement that these rows replaced
+            Path(file).unlink(missing_ok=True)
         for record in records:
             self.counts[record.status] += 1
         for record in records:
@@ -137,6 +154,17 @@ class ReportSession:
                           "\n" + record.detail if record.detail else "")
         for record in records:
             self._fingerprints.pop(record.path, None)
+
+    def _results(self, record):
+        """What the ledger records of a row's DICOM results (the worker wrote them)."""
+        from .ledger import Results
+
+        if record.results_error:
+            self.dicom_failed.append((record.path, record.results_error))
+            log.warning("%s: DICOM results not written: %s", record.path, record.results_error)
+        self.dicom_results += len(record.results)
+        return Results(self.results_key, str(self.files.dicom_out.absolute()), tuple(record.results),
+                       record.results_error)
 
     def summarize(self):
         from .summary import write_summaries
@@ -148,7 +176,8 @@ class ReportSession:
         self.report.close()
         json_path, md_path, summary = self.summarize()
         return RunResult(self.out, json_path, md_path, dict(self.counts), self.unchanged, summary,
-                         time.monotonic() - started)
+                         time.monotonic() - started, self.files.dicom_out, self.dicom_results,
+                         list(self.dicom_failed))
 
     def close(self) -> None:
         try:
@@ -161,3 +190,12 @@ class ReportSession:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _prepare_results_folder(folder: Path) -> None:
+    """Create the --dicom-out folder; remove what a killed run left half-written there (only
+    heartbatch's own temporary names: results are written as ``<uid>.<kind>.dcm.tmp``, renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob("2.25.*.dcm.tmp"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)

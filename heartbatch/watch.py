@@ -50,6 +50,7 @@ class WatchOptions:
     poll_interval: float = 0.2
     polling: bool = False          # PollingObserver, for network shares inotify does not see
     max_batch_files: int = 256     # files taken per round, so a stop request is honoured soon
+    observe: bool = True           # False: no watchdog observer; files arrive through Watcher.notify
 
 
 @dataclass
@@ -94,12 +95,15 @@ class Watcher:
     def __init__(self, dirs: list[Path], out: Path, model: BoxModel, options: RunOptions,
                  watch_options: WatchOptions | None = None, state_dir: Path | None = None,
                  on_records: Callable[[list[Record]], None] | None = None,
-                 on_caught_up: Callable[[int], None] | None = None):
+                 on_caught_up: Callable[[int], None] | None = None, send_to: str | None = None,
+                 exclude: list[Path] | None = None):
+        """``send_to``: queue the rows' DICOM results for this destination (a Sender sends them);
+        ``exclude``: what scans leave out (default: the report's own files)."""
         self.dirs = dirs
         self.model = model
         self.options = options
         self.wopts = watch_options or WatchOptions()
-        self.session = ReportSession(out, model, options, state_dir)
+        self.session = ReportSession(out, model, options, state_dir, send_to=send_to)
         self.runner = Runner(model, options)
         self.on_records = on_records
         self.on_caught_up = on_caught_up   # called once, with the number of files present at start
@@ -113,8 +117,13 @@ class Watcher:
         self._present_at_start = 0
         self._events: queue.Queue[str] = queue.Queue()
         self._pending: dict[str, _Pending] = {}
-        self._excluded = {os.path.realpath(p) for p in self.session.files.outputs}
+        self._exclude = self.session.files.outputs if exclude is None else exclude
+        self._excluded = {os.path.realpath(p) for p in self._exclude}
         self.processed = 0
+
+    def notify(self, path: str | Path) -> None:
+        """A file is complete at ``path`` (thread-safe): what an observer event does."""
+        self._events.put(os.fspath(path))
 
     # -- what to look at ----------------------------------------------------
     def _excluded_path(self, path: str) -> bool:
@@ -188,7 +197,7 @@ class Watcher:
 
     def catch_up(self) -> None:
         now = time.monotonic()
-        for path in scan(self.dirs, exclude=self.session.files.outputs):
+        for path in scan(self.dirs, exclude=self._exclude):
             if not self._excluded_path(str(path)):
                 self._pending[str(path)] = _Pending(Fingerprint.of(path), now - self.wopts.settle)
         self._catching_up = set(self._pending)
@@ -220,11 +229,13 @@ class Watcher:
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
-        observer = PollingObserver(timeout=1) if self.wopts.polling else Observer()
-        handler = _Handler(self._events)
-        for folder in self.dirs:
-            observer.schedule(handler, str(folder), recursive=True)
-        observer.start()
+        observer = None
+        if self.wopts.observe:
+            observer = PollingObserver(timeout=1) if self.wopts.polling else Observer()
+            handler = _Handler(self._events)
+            for folder in self.dirs:
+                observer.schedule(handler, str(folder), recursive=True)
+            observer.start()
         try:
             self.catch_up()
             while not self.stop_requested.is_set():
@@ -238,8 +249,9 @@ class Watcher:
                 if not wrote:
                     self.stop_requested.wait(self.wopts.poll_interval)
         finally:
-            observer.stop()
-            observer.join(timeout=5)
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
             self.runner.close()
             self.session.report.close()
             self.session.summarize()

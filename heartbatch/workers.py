@@ -24,9 +24,10 @@ from itertools import chain, islice
 
 import numpy as np
 
-from . import sanitize
+from . import contract, sanitize
 from .confidence import Policy
 from .dicom import DicomHeader, read_dicom
+from .dicom_results import ResultOptions
 from .errors import FileTimeout, ReadError, Skipped
 from .model import ModelRef, worker_model
 from .pixels import preprocess
@@ -91,9 +92,10 @@ def prepare(path: str, size: int, timeout: float | None = DEFAULT_TIMEOUT) -> Pr
 
 
 def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_TIMEOUT, *, model: ModelRef,
-                  policy: Policy, threads: int | None = 1) -> list[Record]:
+                  policy: Policy, threads: int | None = 1, results: ResultOptions | None = None) -> list[Record]:
     """prepare() each file, then one batch through the model (loaded once per process):
-    the files' records, in order.
+    the files' records, in order; with ``results`` (--dicom-out), each ok record's DICOM results
+    are written here too, so that they cost a core each like the measurement.
 
     Run in the worker processes, each core decodes and infers its own files:
     no image crosses between processes, and single-threaded inference on
@@ -105,8 +107,26 @@ def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_T
         return items
     box_model = worker_model(model, threads)
     predictions = iter(box_model.infer(np.stack([item.image for item in ready])))
-    return [measure(item.path, item.header, next(predictions), box_model.info.model_id, policy)
-            if isinstance(item, Prepared) else item for item in items]
+    records = [measure(item.path, item.header, next(predictions), box_model.info.model_id, policy)
+               if isinstance(item, Prepared) else item for item in items]
+    if results is not None:
+        write_results(records, box_model.info, results)
+    return records
+
+
+def write_results(records: list[Record], info, options: ResultOptions) -> None:
+    """Each ok record's DICOM results; a failure is noted on the record (the row stays, measured),
+    never raised: the session records it so the next run tries again."""
+    from .dicom_results import write_results as write
+
+    version = info.metadata.get(contract.META_CODE_VERSION, "")
+    for record in records:
+        if record.ok:
+            try:
+                record.results = write(record, info.model_id, version, options)
+            except Exception as exc:  # noqa: BLE001 - a header highdicom refuses, a full disk: one row's results
+                record.results_error = sanitize.exception(exc)
+                record.detail = sanitize.traceback_text(exc)
 
 
 def _end_with(main_pid: int) -> None:

@@ -355,14 +355,18 @@ class Orthanc:
             **self.extra_config,
         }
 
-    def start(self, attempts: int = 3) -> "Orthanc":
-        """Start Orthanc and wait until its REST API and DICOM port answer."""
+    def start(self, attempts: int = 3, keep_ports: bool = False) -> "Orthanc":
+        """Start Orthanc and wait until its REST API and DICOM port answer. ``keep_ports``: on the
+        ports of its previous start (a PACS coming back after it was down), no retry elsewhere."""
         if self.proc is not None:
             raise OrthancError("Orthanc already started")
         skip_or_fail_without("Orthanc")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        keep_ports = keep_ports and bool(self.dicom_port)
+        attempts = 1 if keep_ports else attempts
         for attempt in range(1, attempts + 1):
-            self.dicom_port, self.http_port = _two_free_ports()
+            if not keep_ports:
+                self.dicom_port, self.http_port = _two_free_ports()
             self.config_path.write_text(json.dumps(self.configuration(), indent=2))
             if self.log_path.exists():
                 self.log_path.unlink()
