@@ -35,3 +35,14 @@ def test_throughput_benchmark_runs_on_a_tiny_folder(tmp_path, data_dir):
         cores / (1 / r["decode_1proc_img_s"] + 1 / r["inference_1thread_best_img_s"]))
     assert r["cold_start_bound_img_s"] == pytest.approx(6 / (r["startup_floor_s"] + 6 / r["all_cores_img_s"]))
     assert len(r["inference_grid"]) == 4 * len({1, cores})
+
+
+def test_dicom_out_benchmark_runs_on_a_tiny_folder(tmp_path, data_dir):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dicom_out.py"), "--n", "4", "--repeats", "1",
+                             "--workers", "0"],
+                            capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env={**os.environ, "HEARTBATCH_DATA": str(data_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["plain", "dicom-out", "capture"]
+    assert all("img/s; throughput vs plain" in line for line in lines)
