@@ -276,3 +276,46 @@ def test_kill_9_mid_transfer_then_restart_measures_and_delivers_each_instance_on
     assert len(in_pacs) == len(set(in_pacs)) and set(in_pacs) == wanted
     assert stop(proc) == 0
     assert len(check_report(out)) == len(films)
+
+
+def test_twenty_instances_sent_twice_by_a_python_client_give_twenty_rows_and_captures_reach_storescp(
+        tmp_path, procs, chest_pngs, intensity_model):
+    """Another DICOM client (pynetdicom, as a PACS script would be) sends 20 films twice, in two
+    associations; dcmtk's storescp receives the results (SR + secondary capture) through --send-to."""
+    from pynetdicom import AE
+
+    from pacs import StoreSCP
+
+    films = write_chests(tmp_path / "films", chest_pngs, 20)
+    datasets = [pydicom.dcmread(f) for f in films]
+    results = tmp_path / "results"
+    with StoreSCP(tmp_path / "storescp") as scp:
+        out = tmp_path / "report.csv"
+        proc, port = start_listen(procs, out, "--model", intensity_model, "--workers", "1",
+                                  "--dicom-out", results, "--dicom-out-capture",
+                                  "--send-to", f"{scp.aet}@{LOOPBACK}:{scp.port}")
+        for _ in range(2):
+            client = AE(ae_title="PACSSCRIPT")
+            client.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+            assoc = client.associate(LOOPBACK, port, ae_title=AET)
+            assert assoc.is_established
+            try:
+                assert [assoc.send_c_store(ds).Status for ds in datasets] == [0x0000] * 20
+            finally:
+                assoc.release()
+        rows = wait_rows(out, 20, proc)
+        assert {r["sop_instance_uid"] for r in rows} == {ds.SOPInstanceUID for ds in datasets}
+        assert all(r["status"] == "ok" for r in rows)
+        deadline = time.monotonic() + 90
+        while len(scp.files()) < 40:
+            assert time.monotonic() < deadline, f"{len(scp.files())} files at storescp\n{output(proc)}"
+            time.sleep(0.1)
+        got = {}
+        for path in scp.files():
+            ds = pydicom.dcmread(path)
+            got[ds.SOPInstanceUID] = ds.SOPClassUID.name
+        wanted = {dr.result_uid(r["sop_instance_uid"], r["model_id"], kind): kind for r in rows for kind in ("sr", "sc")}
+        assert set(got) == set(wanted)
+        assert sorted(got.values()) == sorted(["Comprehensive 3D SR Storage"] * 20 + ["Secondary Capture Image Storage"] * 20)
+        assert stop(proc) == 0
+        assert len(check_report(out)) == 20
