@@ -263,6 +263,22 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+def _end(proc: subprocess.Popen | None, timeout: float, graceful: bool = True) -> int | None:
+    """Stop a peer: SIGTERM, wait up to ``timeout`` s, then SIGKILL (at once unless ``graceful``);
+    its exit status, None if it was not started."""
+    if proc is None:
+        return None
+    if not graceful:
+        proc.kill()
+    elif proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
 class Orthanc:
     """A private Orthanc server: ``with Orthanc(tmp_path) as pacs: storescu(f, pacs.aet, pacs.host, pacs.dicom_port)``.
 
@@ -422,17 +438,7 @@ class Orthanc:
         function-scoped fixtures whose folder is thrown away anyway.
         """
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if not (self.graceful_stop if graceful is None else graceful):
-            proc.kill()
-        elif proc.poll() is None:
-            proc.terminate()
-            try:
-                return proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        return proc.wait()
+        return _end(proc, timeout, self.graceful_stop if graceful is None else graceful)
 
     def __enter__(self) -> "Orthanc":
         return self.start()
@@ -626,15 +632,7 @@ class StoreSCP:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                return proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        return proc.wait()
+        return _end(proc, timeout)
 
     def __enter__(self) -> "StoreSCP":
         return self.start()

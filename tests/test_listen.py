@@ -265,6 +265,12 @@ def test_kill_9_mid_transfer_then_restart_measures_and_delivers_each_instance_on
     assert acknowledged < len(films), "the kill came after the whole transfer: no mid-transfer kill"
 
     proc, port = start_listen(procs, out, *extra, name="restart")
+    # what was acknowledged before the kill is measured and delivered without being sent again
+    stored = {p.stem for p in received.glob("*.dcm")}
+    rows = wait_rows(out, len(stored), proc, timeout=180)
+    assert {r["sop_instance_uid"] for r in rows} == stored
+    pacs.wait_for_count(2 * len(stored), timeout=120)
+    assert set(pacs.sop_instance_uids()) == result_uids(rows)
     storescu(films, AET, LOOPBACK, port, calling_aet="WARD")  # the ward's retry: everything again
     rows = wait_rows(out, len(films), proc, timeout=180)
     assert set(by_sop(rows)) == uids
