@@ -11,6 +11,7 @@ second and each mode's throughput relative to the plain run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -41,6 +42,9 @@ def main() -> int:
                 seconds, _, result = timed_command(command)
                 if result.returncode != 0:
                     raise SystemExit(f"{' '.join(command)} exited {result.returncode}: {result.stderr}")
+                written = json.loads(result.stdout.splitlines()[-1])
+                if extra and (written["dicom_failed"] or written["dicom_results"] != 2 * written["ok"]):
+                    raise SystemExit(f"{mode}: results not written for every ok row: {written}\n{result.stderr}")
                 times[mode].append(seconds)
     plain = statistics.median(times["plain"])
     for mode in MODES:

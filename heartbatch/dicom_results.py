@@ -105,13 +105,30 @@ def write_results(record: Record, model_id: str, model_version: str, options: Re
     return sr.name, view.name
 
 
+#: Type 2 attributes of the Patient and General Study modules the results copy from the source.
+#: Anonymised and hand-made films often leave them out; type 2 lets them be empty, so they are
+#: copied empty rather than refused (highdicom expects them present).
+COPIED_EMPTY_IF_MISSING = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                           "ReferringPhysicianName", "StudyID", "AccessionNumber")
+#: What a result cannot be filed without: its study, the referenced image's series and class.
+REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
 def read_header(path: str | Path) -> pydicom.Dataset:
-    """The source image's header (no pixel data). ``force``: heartbatch also measures DICOM
-    datasets written without the preamble; a file that is not DICOM at all is a ValueError."""
+    """The source image's header (no pixel data), its missing type 2 patient and study attributes
+    empty. ``force``: heartbatch also measures DICOM datasets written without the preamble; a file
+    that is not DICOM at all, or an image without the UIDs a result refers to, is a ValueError."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        source = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a damaged header
         raise ValueError(f"cannot read the DICOM header of {path}: {exc}") from exc
+    missing = [keyword for keyword in REQUIRED if not str(source.get(keyword, "") or "")]
+    if missing:
+        raise ValueError(f"the image has no {', '.join(missing)}: a DICOM result cannot refer to it")
+    for keyword in COPIED_EMPTY_IF_MISSING:
+        if keyword not in source:
+            setattr(source, keyword, None)
+    return source
 
 
 # --- checks and small helpers ---------------------------------------------------------------------

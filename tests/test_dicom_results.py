@@ -278,6 +278,29 @@ def test_write_results_both_modes(measured, tmp_path: Path, recwarn) -> None:
     assert not recwarn.list, [str(w.message) for w in recwarn.list]   # ...which the writers keep quiet
 
 
+def test_results_of_an_anonymised_image_without_patient_and_study_details(measured, tmp_path: Path) -> None:
+    """Anonymisation often removes the type 2 patient and study attributes: the results carry them
+    empty (the measurement is the same); an image without a Study Instance UID cannot have one."""
+    source, record = measured
+    bare = tmp_path / "anonymised.dcm"
+    full = pydicom.dcmread(record.path)
+    for keyword in dr.COPIED_EMPTY_IF_MISSING:
+        if keyword in full:
+            delattr(full, keyword)
+    full.save_as(bare)
+    names = dr.write_results(dataclasses.replace(record, path=str(bare)), record.model_id, "1.0",
+                             dr.ResultOptions(tmp_path / "out"))
+    for name in names:
+        result = pydicom.dcmread(tmp_path / "out" / name)
+        assert (result.PatientName, result.PatientID, result.StudyDate) == ("", "", "")
+        assert result.StudyInstanceUID == source.StudyInstanceUID
+    del full.StudyInstanceUID
+    full.save_as(bare)
+    with pytest.raises(ValueError, match="no StudyInstanceUID"):
+        dr.write_results(dataclasses.replace(record, path=str(bare)), record.model_id, "1.0",
+                         dr.ResultOptions(tmp_path / "again"))
+
+
 def test_write_results_refuses(measured, tmp_path: Path) -> None:
     source, record = measured
     options = dr.ResultOptions(tmp_path / "out")
