@@ -325,3 +325,25 @@ def test_twenty_instances_sent_twice_by_a_python_client_give_twenty_rows_and_cap
         assert sorted(got.values()) == sorted(["Comprehensive 3D SR Storage"] * 20 + ["Secondary Capture Image Storage"] * 20)
         assert stop(proc) == 0
         assert len(check_report(out)) == 20
+
+
+def test_watch_sends_its_results_too(tmp_path, procs, chest_pngs, intensity_model):
+    """`watch --dicom-out DIR --send-to`: films dropped into a folder, results at dcmtk's storescp."""
+    from pacs import StoreSCP
+
+    incoming, out = tmp_path / "incoming", tmp_path / "report.csv"
+    incoming.mkdir()
+    with StoreSCP(tmp_path / "storescp") as scp:
+        proc = procs.start(hb("watch", incoming, "--out", out, "--model", intensity_model, "--workers", "0",
+                              "--settle", "0.2", "--dicom-out", tmp_path / "results",
+                              "--send-to", f"{scp.aet}@{LOOPBACK}:{scp.port}"), "watch")
+        films = write_chests(tmp_path / "staging", chest_pngs, 2)
+        for film in films:
+            film.rename(incoming / film.name)
+        rows = wait_rows(out, 2, proc)
+        deadline = time.monotonic() + 60
+        while len(scp.files()) < 4:
+            assert time.monotonic() < deadline, f"{len(scp.files())} files at storescp\n{output(proc)}"
+            time.sleep(0.1)
+        assert {pydicom.dcmread(p).SOPInstanceUID for p in scp.files()} == result_uids(rows)
+        assert stop(proc) == 0, output(proc)
