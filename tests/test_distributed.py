@@ -120,11 +120,16 @@ def test_local_cluster_rows_match_local_run_and_resume(tmp_path, data_dir, inten
     expected = build_folder(tmp_path / "studies", data_dir)
 
     code, plain = cli_json(capsys, "run", "studies", "--out", "plain/report.csv", "--model", intensity_model,
-                           "--quiet")
+                           "--quiet", "--dicom-out", "plain/results")
     assert code == 0, plain
     code, dask = cli_json(capsys, "run", "studies", "--out", "dask/report.csv", "--model", intensity_model,
-                          "--scheduler", "local:2", "--batch-size", "4", "--quiet")  # timings: benchmarks/
+                          "--scheduler", "local:2", "--batch-size", "4", "--quiet",
+                          "--dicom-out", "dask/results")  # timings: benchmarks/
     assert code == 0, dask
+    # DICOM results written by the Dask workers (given a relative folder): the same files as a local run's
+    dask_results = sorted(p.name for p in (tmp_path / "dask/results").iterdir())
+    assert dask_results == sorted(p.name for p in (tmp_path / "plain/results").iterdir())
+    assert len(dask_results) == dask["dicom_results"] == 2 * dask["ok"] and dask["dicom_failed"] == 0
     assert dask["processed"] == plain["processed"] == len(expected)
     assert {k: dask[k] for k in ("ok", "skipped", "error")} == {k: plain[k] for k in ("ok", "skipped", "error")}
 
@@ -140,7 +145,7 @@ def test_local_cluster_rows_match_local_run_and_resume(tmp_path, data_dir, inten
     # resume: nothing new, nothing processed, the report byte-identical
     before = (tmp_path / "dask/report.csv").read_bytes()
     code, again = cli_json(capsys, "run", "studies", "--out", "dask/report.csv", "--model", intensity_model,
-                           "--scheduler", "local:2", "--quiet")
+                           "--scheduler", "local:2", "--quiet", "--dicom-out", "dask/results")
     assert code == 0
     assert again["processed"] == 0 and again["unchanged"] == len(expected)
     assert (tmp_path / "dask/report.csv").read_bytes() == before
