@@ -93,7 +93,12 @@ class Sender:
         while not self._stop.is_set():
             due = self.outbox.due(time.time(), PER_ASSOCIATION)
             if due:
-                self.send(due)
+                try:
+                    self.send(due)
+                except Exception as exc:  # noqa: BLE001 - the thread must outlive one bad round; tried again later
+                    log.exception("sending to %s failed", self.destination)
+                    for item in due:
+                        self._failed(item, f"{self.destination}: {type(exc).__name__}: {exc}")
                 continue
             next_try = self.outbox.next_try()
             wait = 1.0 if next_try is None else min(1.0, max(0.05, next_try - time.time()))
