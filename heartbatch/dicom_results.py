@@ -22,6 +22,7 @@ a result is written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import uuid
 import warnings
@@ -32,6 +33,7 @@ from types import SimpleNamespace
 import pydicom
 from pydicom.multival import MultiValue
 
+from .dicom.read import pixel_spacing
 from .files import replacing
 from .records import Record
 
@@ -138,6 +140,8 @@ def _check_record(record: Record) -> None:
         raise ValueError(f"no DICOM result for a {record.status!r} record ({record.path}): {record.reason}")
     if record.heart is None:
         raise ValueError(f"record for {record.path} has no heart box")
+    if record.header is None or not (record.header.rows and record.header.columns):
+        raise ValueError(f"record for {record.path} has no image size")
 
 
 def _check(source: pydicom.Dataset, record: Record) -> str:
@@ -158,19 +162,14 @@ def _corners(box):
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
-class _Quiet:
+@contextlib.contextmanager
+def _quiet():
     """Silence highdicom's and pydicom's UserWarnings while an object is built from the source
     header: they are about that header (e.g. a patient name with one component), which is copied
     as it is, not about what we write."""
-
-    def __enter__(self):
-        self._context = warnings.catch_warnings()
-        self._context.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return self
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)
+        yield
 
 
 def _save(dataset: pydicom.Dataset, path: Path) -> Path:
@@ -187,13 +186,6 @@ def _software_version() -> str:
 
 
 # --- highdicom, once per process ------------------------------------------------------------------
-
-def _highdicom():
-    """highdicom, imported when a result is written (an optional dependency)."""
-    import highdicom as hd
-
-    return hd
-
 
 # --- coded concepts (built once per process) ------------------------------------------------------
 
@@ -284,7 +276,8 @@ def write_sr(source: pydicom.Dataset, record: Record, model_id: str, model_versi
     Measurement Report with one planar ROI group per box (its width, SCT "Width" at finding site
     Heart or Thorax, and its polygon on the source image), and one group with the CTR, enlarged
     yes/no and the review flag. Returns the path."""
-    hd = _highdicom()
+    import highdicom as hd
+
     sop = _check(source, record)
     v = _vocabulary()
     model_id = str(model_id)
@@ -296,7 +289,7 @@ def write_sr(source: pydicom.Dataset, record: Record, model_id: str, model_versi
     def tracking(name: str):
         return hd.sr.TrackingIdentifier(uid=result_uid(sop, model_id, f"track-{name}"), identifier=name)
 
-    with _Quiet():
+    with _quiet():
         image_ref = hd.sr.SourceImageForRegion.from_source_image(source)
         groups = []
         boxes = [("heart", record.heart, record.heart_width_mm, v.heart)]
@@ -350,11 +343,12 @@ def write_sr(source: pydicom.Dataset, record: Record, model_id: str, model_versi
 def write_presentation_state(source: pydicom.Dataset, record: Record, model_id: str, out_dir: Path) -> Path:
     """Write ``<sop>.pr.dcm`` in ``out_dir``: a Grayscale Softcopy Presentation State of the source
     image that draws the heart and thorax boxes and a line of text with the CTR. Returns the path."""
-    hd = _highdicom()
+    import highdicom as hd
+
     sop = _check(source, record)
     model_id = str(model_id)
     units = hd.pr.AnnotationUnitsValues.PIXEL
-    with _Quiet():
+    with _quiet():
         objects = [hd.pr.GraphicObject(graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=_corners(box),
                                        units=units, tracking_id=name,
                                        tracking_uid=result_uid(sop, model_id, f"pr-{name}"))
@@ -410,17 +404,22 @@ def _write_capture(source: pydicom.Dataset, record: Record, model_id: str, out_d
 
     from .overlay import Marks, render
 
-    hd = _highdicom()
+    import highdicom as hd
+
     sop = _check(source, record)
     model_id = str(model_id)
     v = _vocabulary()
     pixels = np.asarray(render(record.path, Marks.from_record(record), int(max_side)).convert("RGB"), dtype=np.uint8)
     out_rows, out_columns = pixels.shape[:2]
-    rows, columns = _source_size(source, record, out_rows, out_columns)
+    rows, columns = record.header.rows, record.header.columns  # what the boxes are in
     resized = (out_rows, out_columns) != (rows, columns)
-    spacing = _scaled_spacing(source, rows / out_rows, columns / out_columns)
+    # Pixel Spacing only: Imager Pixel Spacing is at the detector, and the SC IOD has no such
+    # attribute; calling it Pixel Spacing would claim a calibration in the patient plane.
+    spacing = pixel_spacing(source, ("PixelSpacing",))
+    if spacing is not None:
+        spacing = (round(spacing[0] * rows / out_rows, 6), round(spacing[1] * columns / out_columns, 6))
     sc_uid = result_uid(sop, model_id, "sc")
-    with _Quiet():
+    with _quiet():
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source, pixel_array=pixels,
             # JPEG baseline: highdicom converts RGB to YCbCr and labels it YBR_FULL_422. (Pillow
@@ -488,33 +487,3 @@ def _plain_code(concept) -> pydicom.Dataset:
     item.CodingSchemeDesignator = concept.scheme_designator
     item.CodeMeaning = concept.meaning
     return item
-
-
-def _source_size(source: pydicom.Dataset, record: Record, out_rows: int, out_columns: int) -> tuple[int, int]:
-    """The source image's rows and columns (header, else the record's, else the output's)."""
-    for rows, columns in ((source.get("Rows"), source.get("Columns")),
-                          (getattr(record.header, "rows", 0), getattr(record.header, "columns", 0))):
-        try:
-            rows, columns = int(rows or 0), int(columns or 0)
-        except (TypeError, ValueError):
-            continue
-        if rows > 0 and columns > 0:
-            return rows, columns
-    return out_rows, out_columns
-
-
-def _scaled_spacing(source: pydicom.Dataset, row_factor: float, column_factor: float):
-    """The source's Pixel Spacing (mm, row then column) scaled by the resampling factors; None
-    when the source has none. Imager Pixel Spacing (at the detector, not in the patient) is not
-    carried over: the SC IOD has no such attribute, and calling it Pixel Spacing would claim a
-    calibration in the patient plane that the source does not."""
-    import math
-
-    value = source.get("PixelSpacing")
-    try:
-        values = [float(x) for x in value] if value is not None else []
-    except (TypeError, ValueError):
-        return None
-    if len(values) != 2 or not all(math.isfinite(x) and x > 0 for x in values):
-        return None
-    return round(values[0] * row_factor, 6), round(values[1] * column_factor, 6)

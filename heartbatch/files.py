@@ -43,6 +43,14 @@ def replacing(path: Path, *, suffix: str = ".tmp", durable: bool = False):
         raise
 
 
+def remove_leftovers(folder: Path, pattern: str, *, suffix: str = ".tmp") -> None:
+    """Remove the temporary files that :func:`replacing` left under ``pattern`` in ``folder`` when
+    its process was killed before the rename (files only; a folder of that name is left alone)."""
+    for leftover in Path(folder).glob(pattern + suffix):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, data: str | bytes, *, durable: bool = False) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` in one rename."""
     with replacing(path, durable=durable) as tmp:

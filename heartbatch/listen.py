@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import UsageError
-from .files import write_atomic
+from .files import remove_leftovers, write_atomic
 from .pipeline import RunOptions
 from .records import Record
 from .send import Destination, Sender
@@ -94,11 +94,9 @@ class Listener:
                                on_records=self._records, send_to=str(send_to) if send_to else None,
                                exclude=exclude)
         self.received.mkdir(parents=True, exist_ok=True)
-        for leftover in self.received.glob("*.dcm.tmp"):  # a store killed before its rename: never acknowledged
-            leftover.unlink(missing_ok=True)
+        remove_leftovers(self.received, "*.dcm")  # a store killed before its rename: never acknowledged
         self.sender = Sender(files.state_dir, send_to, self.listen.ae_title) if send_to else None
         self.server = None
-        self.ready = threading.Event()  # set once the port is open
 
     # -- the SCP -------------------------------------------------------------
     def _ae(self):
@@ -164,7 +162,6 @@ class Listener:
         except OSError as exc:
             raise UsageError(f"cannot listen on {self.listen.host}:{self.listen.port} ({exc.strerror or exc}); "
                              f"is another listener running? choose another --port") from None
-        self.ready.set()
 
     @property
     def port(self) -> int:

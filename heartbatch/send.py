@@ -17,7 +17,6 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +61,10 @@ class Sender:
     """A thread that empties the outbox for one destination until stopped."""
 
     def __init__(self, state_dir: Path, destination: Destination, calling_aet: str = "HEARTBATCH",
-                 timeout: float = 30.0, on_sent: Callable[[str], None] | None = None):
+                 timeout: float = 30.0):
         self.destination = destination
         self.calling_aet = calling_aet
         self.timeout = timeout
-        self.on_sent = on_sent
         self.outbox = Outbox(state_dir, str(destination))
         self.sent = 0
         self._wake = threading.Event()
@@ -148,8 +146,6 @@ class Sender:
                 if code in STORED:
                     self.outbox.sent(item.file)
                     self.sent += 1
-                    if self.on_sent is not None:
-                        self.on_sent(item.file)
                 elif code is None:
                     self._failed(item, f"{self.destination}: no answer (association lost)")
                 else:

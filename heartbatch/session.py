@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Status
+from .files import remove_leftovers
 
 log = logging.getLogger("heartbatch")
 
@@ -105,7 +106,9 @@ class ReportSession:
         self.results_key = dicom_out.key() if dicom_out else None
         self.send_to = send_to
         if dicom_out:
-            _prepare_results_folder(dicom_out.out_dir)
+            dicom_out.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(dicom_out.out_dir, "2.25.*.dcm")  # what a killed run left half-written
+            self._results_folder = str(self.files.dicom_out.absolute())
         self._fingerprints: dict = {}
         self.counts = {str(s): 0 for s in Status}  # rows written by this session
         self.unchanged = 0
@@ -162,9 +165,9 @@ class ReportSession:
         if record.results_error:
             self.dicom_failed.append((record.path, record.results_error))
             log.warning("%s: DICOM results not written: %s", record.path, record.results_error)
+            log.debug("%s", record.detail)
         self.dicom_results += len(record.results)
-        return Results(self.results_key, str(self.files.dicom_out.absolute()), tuple(record.results),
-                       record.results_error)
+        return Results(self.results_key, self._results_folder, tuple(record.results), record.results_error)
 
     def summarize(self):
         from .summary import write_summaries
@@ -191,11 +194,3 @@ class ReportSession:
     def __exit__(self, *exc):
         self.close()
 
-
-def _prepare_results_folder(folder: Path) -> None:
-    """Create the --dicom-out folder; remove what a killed run left half-written there (only
-    heartbatch's own temporary names: results are written as ``<uid>.<kind>.dcm.tmp``, renamed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob("2.25.*.dcm.tmp"):
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)

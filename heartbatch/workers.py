@@ -27,7 +27,7 @@ import numpy as np
 from . import contract, sanitize
 from .confidence import Policy
 from .dicom import DicomHeader, read_dicom
-from .dicom_results import ResultOptions
+from .dicom_results import ResultOptions, write_results
 from .errors import FileTimeout, ReadError, Skipped
 from .model import ModelRef, worker_model
 from .pixels import preprocess
@@ -110,20 +110,18 @@ def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_T
     records = [measure(item.path, item.header, next(predictions), box_model.info.model_id, policy)
                if isinstance(item, Prepared) else item for item in items]
     if results is not None:
-        write_results(records, box_model.info, results)
+        _write_dicom_results(records, box_model.info, results)
     return records
 
 
-def write_results(records: list[Record], info, options: ResultOptions) -> None:
+def _write_dicom_results(records: list[Record], info, options: ResultOptions) -> None:
     """Each ok record's DICOM results; a failure is noted on the record (the row stays, measured),
     never raised: the session records it so the next run tries again."""
-    from .dicom_results import write_results as write
-
     version = info.metadata.get(contract.META_CODE_VERSION, "")
     for record in records:
         if record.ok:
             try:
-                record.results = write(record, info.model_id, version, options)
+                record.results = write_results(record, info.model_id, version, options)
             except Exception as exc:  # noqa: BLE001 - a header highdicom refuses, a full disk: one row's results
                 record.results_error = sanitize.exception(exc)
                 record.detail = sanitize.traceback_text(exc)

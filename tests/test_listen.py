@@ -21,7 +21,7 @@ import highdicom as hd
 from dicom_factory import write_dicom
 from heartbatch import dicom_results as dr
 from heartbatch.session import ReportFiles
-from pacs import Orthanc, dsrdump, echoscu, free_port, skip_or_fail_without, storescu
+from pacs import Orthanc, dsrdump, echoscu, skip_or_fail_without, storescu
 from test_resume import Processes, check_report, hb, output, thumbnail, write_chests
 
 AET = "HEARTBATCH"

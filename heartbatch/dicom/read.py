@@ -58,9 +58,11 @@ class DicomImage:
     image: np.ndarray  # display-oriented float32, rows x columns (or rows/k x columns/k, see read_dicom)
 
 
-def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
-    """PixelSpacing, else ImagerPixelSpacing; None when absent, zero or malformed."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+def pixel_spacing(ds: Dataset, keywords: tuple[str, ...] = ("PixelSpacing", "ImagerPixelSpacing")
+                  ) -> tuple[float, float] | None:
+    """PixelSpacing, else ImagerPixelSpacing (the first of ``keywords`` present and valid), row then
+    column, in mm; None when absent, zero or malformed."""
+    for keyword in keywords:
         try:
             value = ds.get(keyword)
             if value is None:
