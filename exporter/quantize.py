@@ -2,14 +2,20 @@
 
     quantize-onnx heartbox.onnx --data ../shared/data/cxr-ctr \\
         --split runs/default/split.json --out heartbox-int8.onnx
+    quantize-onnx old-int8.onnx --requantize --data ../shared/data/cxr-ctr \\
+        --split runs/default/split.json --out heartbox-int8.onnx
 
 Convolutions (and the residual additions between them) run in int8 with
-per-channel weight scales; activation ranges are calibrated on training
-images only (the validation split is never seen).  The box head (the heatmap
-convolution, softmax and soft-argmax) stays in float: that is where
-sub-pixel positions are computed.  The quantized model is then evaluated on
-the validation split next to the float model, and refused (exit 1) when its
-heart coordinate error grows by more than --max-loss-px.
+per-channel 7-bit weights (so that no CPU's int8 kernels can saturate: see
+exporter/saturation.py) and uint8 activations; activation ranges are calibrated
+on training images only (the validation split is never seen).  The box head
+(the heatmap convolution, softmax and soft-argmax) stays in float: that is where
+sub-pixel positions are computed.  ``--requantize`` takes an int8 model written
+before (full-range weights, float source gone) and requantizes only its
+weights to 7 bits.  The result carries an arithmetic probe (heartbatch.arithmetic);
+it is evaluated on the validation split next to the source model in exact
+arithmetic, and refused (exit 1) when its heart coordinate error grows by more
+than --max-loss-px.  A model that could saturate is never written.
 """
 
 from __future__ import annotations
@@ -24,15 +30,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from heartbatch import contract as C
-from heartbatch.evaluate import evaluate
+from heartbatch import arithmetic, contract as C
+from heartbatch.evaluate import evaluate, predict_items
 from heartbatch.images import load_image
 from heartbatch.labels import LabelError, SplitError, load_labels, read_split
 from heartbatch.model import BoxModel, ContractError
 from heartbatch.files import replacing
 from heartbatch.pixels import preprocess
 
-from . import onnxfile
+from . import onnxfile, probe
+from .saturation import SaturationError, refuse_saturating, requantize_weights
 
 META_QUANTIZATION = "heartbatch.quantization"
 
@@ -60,7 +67,7 @@ def head_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def quantize(source: Path, out: Path, batches) -> None:
-    """Static QDQ int8 (uint8 activations, int8 per-channel weights) with copied metadata."""
+    """Static QDQ int8 (uint8 activations, 7-bit per-channel weights) with copied metadata."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -82,23 +89,34 @@ def quantize(source: Path, out: Path, batches) -> None:
             quantize_static(str(prepared), str(partial), Reader(), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                             op_types_to_quantize=["Conv", "Add", "MaxPool"], nodes_to_exclude=excluded,
-                            calibrate_method=CalibrationMethod.MinMax)
+                            calibrate_method=CalibrationMethod.MinMax, reduce_range=True)
             quantized = onnx.load(str(partial))
+            refuse_saturating(quantized, f"the quantized {source.name}")
             onnxfile.set_metadata(quantized, onnxfile.metadata(original))
             quantized.producer_name = "heartbatch quantize-onnx"
             onnx.save(quantized, str(partial))
 
 
-def update_metadata(path: Path, updates: dict[str, str]) -> None:
+def requantize(source: Path, out: Path) -> int:
+    """An int8 model's full-range weights requantized to 7 bits, everything else kept."""
+    model = onnx.load(str(source))
+    changed = requantize_weights(model)
+    onnxfile.save(model, out)
+    return len(changed)
+
+
+def update_metadata(path: Path, updates: dict[str, str], probe_images=None) -> None:
     model = onnx.load(str(path))
     onnxfile.set_metadata(model, {**onnxfile.metadata(model), **updates})
-    onnxfile.save(model, path)
+    onnxfile.save(model, path, probe_images)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="quantize-onnx", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="float ONNX model written by export-onnx")
+    p.add_argument("model", type=Path, help="float ONNX model written by export-onnx (int8 with --requantize)")
+    p.add_argument("--requantize", action="store_true",
+                   help="MODEL is an int8 model written before: requantize its weights to 7 bits (no calibration)")
     p.add_argument("--data", required=True, help="labeled images (cxr-ctr layout, or a box CSV with --labels)")
     p.add_argument("--labels", help="label CSV for --data")
     p.add_argument("--split", type=Path,
@@ -114,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        float_model = BoxModel(args.model)
+        source = BoxModel(args.model, start=arithmetic.EXACT)  # the reference: what the source computes
         items = load_labels(args.data, args.labels)
     except (ContractError, LabelError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -134,23 +152,42 @@ def main(argv=None) -> int:
     if not train or not val:
         print("error: need labeled images for both calibration and evaluation", file=sys.stderr)
         return 2
-    chosen = random.Random(args.seed).sample(train, min(args.calibration_images, len(train)))
-    size = float_model.info.input_size
-    quantize(args.model, args.out, calibration_batches([i.image_path for i in chosen], size))
+    size = source.info.input_size
+    try:
+        films = probe.choose([i.key for i in train])  # before writing anything
+        if args.requantize:
+            changed = requantize(args.model, args.out)
+            how = (f"int8 static (QDQ, per-channel 7-bit weights, uint8 activations): {changed} weights of "
+                   f"{args.model.name} ({source.info.model_id}) requantized from 8 to 7 bits, activation "
+                   f"ranges kept ({source.info.metadata.get(META_QUANTIZATION, 'as calibrated before')})")
+        else:
+            chosen = random.Random(args.seed).sample(train, min(args.calibration_images, len(train)))
+            quantize(args.model, args.out, calibration_batches([i.image_path for i in chosen], size))
+            how = (f"int8 static (QDQ, per-channel 7-bit weights, uint8 activations), calibrated on "
+                   f"{len(chosen)} training images; float source {args.model.name} ({source.info.model_id})")
+    except (SaturationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    by_key = {i.key: i for i in train}
+    probe_images = probe.images([preprocess(load_image(by_key[k].image_path), size) for k in films])
+    update_metadata(args.out, {}, probe_images)
 
-    before = evaluate(float_model, val)
-    after = evaluate(BoxModel(args.out), val)
+    before = evaluate(source, val)
+    quantized = BoxModel(args.out)
+    after = evaluate(quantized, val)
+    exact = predict_items(BoxModel(args.out, start=arithmetic.EXACT), val)
+    parity = float(np.abs(predict_items(quantized, val) - exact).max())
     loss = after["heart_mae_px224"] - before["heart_mae_px224"]
     update_metadata(args.out, {
-        META_QUANTIZATION: (f"int8 static (QDQ, per-channel weights, uint8 activations), calibrated on "
-                            f"{len(chosen)} training images; float source {args.model.name} "
-                            f"({float_model.info.model_id}); heart error {loss:+.3f} px at 224 on "
-                            f"{len(val)} validation images"),
+        META_QUANTIZATION: f"{how}; heart error {loss:+.3f} px at 224 on {len(val)} validation images",
         C.META_VALIDATION: json.dumps(onnxfile.json_safe(after), sort_keys=True),
     })
-    print(f"{'':24}{'float':>10}{'int8':>10}")
+    print(f"{'':24}{'source':>10}{'int8':>10}   (source in exact arithmetic; int8 as this CPU runs it: "
+          f"{quantized.arithmetic.mode})")
     for key in ("heart_iou_mean", "heart_mae_px224", "thorax_iou_mean", "ctr_mae"):
         print(f"{key:24}{before.get(key, float('nan')):10.4f}{after.get(key, float('nan')):10.4f}")
+    print(f"this CPU ({arithmetic.cpu().describe()}) vs exact arithmetic on {len(val)} validation films: "
+          f"largest box difference {parity:.5f} of the image")
     print(f"heart error change {loss:+.3f} px (limit {args.max_loss_px}); wrote {args.out}")
     if loss > args.max_loss_px:
         print(f"error: int8 costs {loss:.3f} px of heart accuracy (> {args.max_loss_px}); "

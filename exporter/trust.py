@@ -242,9 +242,10 @@ def main(argv=None) -> int:
     from heartbatch.labels import LabelError, SplitError, load_labels, read_split
     from heartbatch.pixels import preprocess
 
-    from . import content
+    from . import content, probe
     from .onnxfile import metadata, save, set_metadata
     from .robustness import ctrs
+    from .saturation import SaturationError, refuse_saturating
 
     p = argparse.ArgumentParser(prog="trust-onnx", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="ONNX model written by export-onnx or quantize-onnx")
@@ -260,11 +261,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         base = onnx.load(str(args.model))
+        refuse_saturating(base, args.model.name)  # its features would depend on the CPU
         items = load_labels(args.data, args.labels)
         split = read_split(args.split, [i.key for i in items])
         size = input_size(base)
         featured = with_features(base)
-    except (OSError, LabelError, SplitError, SurgeryError, KeyError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        probe_films = probe.choose(split["train"])
+    except (OSError, ValueError, LabelError, SplitError, SurgeryError, SaturationError, KeyError,
+            onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     add_uncertainty(featured)  # factor 1: raw spreads, calibrated below
@@ -319,7 +323,7 @@ def main(argv=None) -> int:
     set_metadata(out, meta)
     onnx.checker.check_model(out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save(out, args.out)
+    save(out, args.out, probe.images([films[k] for k in probe_films]))
     _print(evaluation, policy)
     if args.report:
         args.report.write_text(json.dumps(evaluation, indent=1, sort_keys=True))

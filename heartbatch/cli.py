@@ -241,6 +241,19 @@ def _add_show(sub) -> None:
     p.set_defaults(func=cmd_show)
 
 
+def _add_info(sub) -> None:
+    p = sub.add_parser(
+        "info", help="this installation, the CPU's int8 features, the model and its arithmetic probe",
+        description="What decides the numbers heartbatch writes on this machine: heartbatch, Python and "
+                    "onnxruntime versions, the CPU and its int8-relevant features (AVX2, AVX-512, VNNI, AMX), "
+                    "the model (path, id, quantization, validation metrics) and the result of its arithmetic "
+                    "probe: whether this CPU's fast int8 kernels give the model's recorded exact outputs, and "
+                    "the arithmetic runs use.")
+    p.add_argument("--model", type=Path, help="ONNX model (default: the model shipped with heartbatch)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heartbatch",
@@ -253,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_listen(sub)
     _add_report(sub)
     _add_show(sub)
+    _add_info(sub)
     from .evaluate import add_parser as add_evaluate
 
     add_evaluate(sub)
@@ -264,11 +278,27 @@ def _load_model(path: Path | None, threads: int | None, console):
     from .model import BoxModel
 
     model = BoxModel(path, threads=threads)
+    check = model.arithmetic
+    if check.fallback:
+        console.print(f"[yellow]warning[/]: {arithmetic_warning(model)}", highlight=False)
+    elif not check.has_probe and model.info.quantized:
+        console.print(f"[yellow]notice[/]: model {model.info.model_id} carries no arithmetic probe: whether this "
+                      f"CPU computes its int8 layers as the model's author did is not checked (write the model "
+                      f"again with quantize-onnx to add one)", highlight=False)
     if not model.info.has_trust:
         console.print(f"[yellow]notice[/]: model {model.info.model_id} has no content check or uncertainty "
                       f"outputs: every film the header checks accept is measured, and the chest_score and "
                       f"uncertainty cells stay empty", highlight=False)
     return model
+
+
+def arithmetic_warning(model) -> str:
+    from .arithmetic import cpu, onnxruntime_version
+
+    first = model.arithmetic.comparisons[0]
+    return (f"on this CPU ({cpu().describe()}) onnxruntime {onnxruntime_version()}'s fast int8 kernels do not give "
+            f"model {model.info.model_id}'s recorded outputs ({first.describe()}); measuring with the "
+            f"{model.arithmetic.mode} arithmetic instead, which does (slower). `heartbatch info` shows the details")
 
 
 def _check_inputs(paths: list, out: Path | None = None) -> None:
@@ -317,7 +347,7 @@ def cmd_run(args) -> int:
     if args.quiet:
         print(json.dumps({"report": str(result.report), "summary_json": str(result.summary_json),
                           "summary_md": str(result.summary_md), **({"html": str(html)} if html else {}),
-                          "model_id": model.info.model_id,
+                          "model_id": model.info.model_id, "arithmetic": model.arithmetic.mode,
                           "files": total, "processed": result.processed, "unchanged": result.unchanged,
                           **result.counts, "seconds": round(result.seconds, 3),
                           **({"dicom_out": str(args.dicom_out), "dicom_results": result.dicom_results,
@@ -540,6 +570,43 @@ def cmd_show(args) -> int:
     return ExitCode.OK
 
 
+def cmd_info(args) -> int:
+    import platform
+
+    from .arithmetic import cpu, onnxruntime_version
+    from .model import BoxModel
+
+    model = BoxModel(args.model)
+    info, check = model.info, model.arithmetic
+    facts = {
+        "heartbatch": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime_version(),
+        "cpu": cpu().as_dict(),
+        "model": {"path": str(info.path), "model_id": info.model_id, "bytes": info.path.stat().st_size,
+                  "input_size": info.input_size, "outputs": ["boxes", *info.optional],
+                  "quantization": info.metadata.get("heartbatch.quantization", "none (float)"),
+                  "validation": info.validation_metrics},
+        "arithmetic": {**check.as_dict(), "verdict": check.describe()},
+    }
+    if args.json:
+        print(json.dumps(facts, indent=1, sort_keys=True))
+        return ExitCode.OK
+    c = cpu()
+    lines = [
+        ("heartbatch", f"{__version__} (Python {facts['python']}, onnxruntime {facts['onnxruntime']})"),
+        ("CPU", c.describe()),
+        ("int8 kernels", "exact on this CPU (VNNI, AMX or not x86)" if c.int8_exact else
+         "without VNNI: u8 x s8 pairs are added in 16 bits with saturation"),
+        ("model", f"{info.path} ({info.model_id}, {facts['model']['bytes'] / 1e6:.1f} MB, input {info.input_size} px)"),
+        ("quantization", facts["model"]["quantization"]),
+        ("arithmetic probe", check.describe()),
+        ("measures with", f"{check.mode} arithmetic" + (" (slower than the fast kernels)" if check.fallback else "")),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
+    return ExitCode.OK
+
+
 def print_summary(console, result, info) -> None:
     from rich.table import Table
 
@@ -565,6 +632,9 @@ def print_summary(console, result, info) -> None:
     elif not info.has_thorax:
         table.add_row("CTR", "not measured: the model is heart-only")
     table.add_row("model", f"{info.path.name} ({info.model_id})")
+    arithmetic = s.get("arithmetic") or {}
+    if arithmetic.get("mode", "fused") != "fused":
+        table.add_row("arithmetic", f"{arithmetic['mode']}: this CPU's fast int8 kernels disagreed with the model")
     table.add_row("report", str(result.report))
     table.add_row("summaries", f"{result.summary_json}\n{result.summary_md}")
     if result.dicom_out is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contract
+from . import arithmetic, contract
 from .confidence import Prediction
 from .errors import ContractError, WorkerModelError
 from .files import sha256_file
@@ -45,6 +45,10 @@ class ModelInfo:
         return self.outputs == 8
 
     @property
+    def quantized(self) -> bool:
+        return "heartbatch.quantization" in self.metadata
+
+    @property
     def validation_metrics(self) -> dict:
         try:
             return json.loads(self.metadata.get(contract.META_VALIDATION, "{}"))
@@ -60,17 +64,10 @@ def file_id(path: Path) -> str:
     return sha256_file(path)[:12]
 
 
-def _session(path: Path, threads: int | None):
+def _session(path: Path, threads: int | None, mode: str = arithmetic.FUSED):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # no busy-waiting between ops: the decode workers need those cycles on a small machine
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = arithmetic.session_options(mode, threads)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -79,7 +76,10 @@ def _session(path: Path, threads: int | None):
         raise ContractError(f"{path}: not a loadable ONNX model ({sanitize.message(exc, 300)})") from None
 
 
-def _check(session, path: Path) -> ModelInfo:
+def _check(session, path: Path) -> tuple[ModelInfo, arithmetic.Probe | None, dict[str, np.ndarray]]:
+    """The model's contract, checked on a sample batch run once: its arithmetic probe where it has
+    one (so that the probe costs nothing more), else a batch of 2 blank images. Returns the model's
+    info, its probe and every output for the sample."""
     meta = dict(session.get_modelmeta().custom_metadata_map)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     where = f"{path}"
@@ -112,31 +112,34 @@ def _check(session, path: Path) -> ModelInfo:
     if pixels is not None and pixels != PIPELINE_VERSION:
         raise ContractError(f"{where}: trained with pixel pipeline v{pixels}, this heartbatch has "
                             f"v{PIPELINE_VERSION}; use a matching heartbatch version or retrain")
-    probe = session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: np.zeros((2, 1, size, size), np.float32)})[0]
-    width = probe.shape[-1] if probe.ndim == 2 else None
-    if probe.ndim != 2 or probe.shape[0] != 2 or width not in contract.OUTPUT_LAYOUTS:
+    probe = _probe(meta, where, size)
+    sample = probe.inputs if probe is not None and len(probe.images) >= 2 else np.zeros((2, 1, size, size), np.float32)
+    n = len(sample)
+    names = [o.name for o in outputs]
+    values = dict(zip(names, session.run(names, {contract.INPUT_NAME: sample})))
+    boxes = values[contract.OUTPUT_NAME]
+    width = boxes.shape[-1] if boxes.ndim == 2 else None
+    if boxes.ndim != 2 or boxes.shape[0] != n or width not in contract.OUTPUT_LAYOUTS:
         raise ContractError(f"{where}: output '{contract.OUTPUT_NAME}' must be [N, 8] or [N, 4] with a "
-                            f"dynamic batch; a batch of 2 gave shape {list(probe.shape)}")
+                            f"dynamic batch; a batch of {n} gave shape {list(boxes.shape)}")
     if meta[contract.META_OUTPUT_LAYOUT] != contract.OUTPUT_LAYOUTS[width]:
         raise ContractError(f"{where}: output layout {meta[contract.META_OUTPUT_LAYOUT]!r} does not match "
                             f"its {width} outputs (expected {contract.OUTPUT_LAYOUTS[width]!r})")
-    optional = _check_optional(session, where, size)
-    return ModelInfo(path=path, model_id=file_id(path), input_size=size, outputs=width, metadata=meta,
+    optional = _check_optional(values, where, n)
+    info = ModelInfo(path=path, model_id=file_id(path), input_size=size, outputs=width, metadata=meta,
                      optional=optional)
+    return info, probe, values
 
 
-def _check_optional(session, where: str, size: int) -> tuple[str, ...]:
-    """The optional outputs present, each checked for its shape on a batch of 2."""
-    names = [o.name for o in session.get_outputs() if o.name in contract.OPTIONAL_OUTPUTS]
-    if not names:
-        return ()
-    probe = session.run(names, {contract.INPUT_NAME: np.zeros((2, 1, size, size), np.float32)})
-    for name, value in zip(names, probe):
-        expected = contract.OPTIONAL_OUTPUTS[name]
-        if value.ndim != len(expected) or value.shape[0] != 2 or \
+def _check_optional(values: dict[str, np.ndarray], where: str, n: int) -> tuple[str, ...]:
+    """The optional outputs present, each checked for its shape on the sample batch of ``n``."""
+    names = [name for name in values if name in contract.OPTIONAL_OUTPUTS]
+    for name in names:
+        value, expected = values[name], contract.OPTIONAL_OUTPUTS[name]
+        if value.ndim != len(expected) or value.shape[0] != n or \
                 any(want is not None and got != want for got, want in zip(value.shape[1:], expected[1:])):
             raise ContractError(f"{where}: optional output '{name}' must be {_shape_text(expected)}; "
-                                f"a batch of 2 gave shape {list(value.shape)}")
+                                f"a batch of {n} gave shape {list(value.shape)}")
     return tuple(names)
 
 
@@ -144,17 +147,55 @@ def _shape_text(shape: tuple) -> str:
     return "[" + ", ".join("N" if i == 0 else "K" if d is None else str(d) for i, d in enumerate(shape)) + "]"
 
 
-class BoxModel:
-    """An onnxruntime session that honours the contract."""
+def _probe(meta: dict[str, str], where: str, size: int) -> arithmetic.Probe | None:
+    text = meta.get(arithmetic.META_PROBE)
+    if text is None:
+        return None
+    try:
+        probe = arithmetic.Probe.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ContractError(f"{where}: its arithmetic probe cannot be read ({exc}); write the model again "
+                            f"with quantize-onnx or trust-onnx") from None
+    if probe.images.ndim != 3 or probe.images.shape[1:] != (size, size) or not len(probe.images):
+        raise ContractError(f"{where}: its arithmetic probe has images of shape {list(probe.images.shape)}, "
+                            f"not [K, {size}, {size}]")
+    return probe
 
-    def __init__(self, path: str | Path | None = None, threads: int | None = None):
+
+class BoxModel:
+    """An onnxruntime session that honours the contract, in an arithmetic that gives the model's
+    recorded outputs on this CPU (see :mod:`heartbatch.arithmetic`)."""
+
+    def __init__(self, path: str | Path | None = None, threads: int | None = None,
+                 start: str = arithmetic.FUSED):
         path = Path(path) if path is not None else default_model_path()
         if not path.is_file():
             hint = ("the package was installed without its default model; reinstall heartbatch"
                     if path == default_model_path() else "check the --model path")
             raise ContractError(f"{path}: model file not found ({hint})")
-        self._session = _session(path, threads)
-        self.info = _check(self._session, path)
+        self._session = _session(path, threads, start)
+        self.info, probe, sample = _check(self._session, path)
+        self.arithmetic = self._verify(probe, sample, threads, start)
+
+    def _verify(self, probe: arithmetic.Probe | None, sample: dict, threads: int | None,
+                start: str) -> arithmetic.ArithmeticCheck:
+        """Compare the outputs for the probe with the recorded ones; on disagreement, move to the
+        next slower, exact arithmetic and run the probe again."""
+        if probe is None:
+            return arithmetic.ArithmeticCheck(start, has_probe=False)
+        tried = [arithmetic.compare_outputs(sample, probe, start)]
+        for mode in arithmetic.MODES[arithmetic.MODES.index(start) + 1:]:
+            if tried[-1].passed:
+                break
+            self._session = _session(self.info.path, threads, mode)
+            tried.append(arithmetic.compare(self._session, probe, mode))
+        if tried[-1].passed:
+            return arithmetic.ArithmeticCheck(tried[-1].mode, tuple(tried))
+        raise ContractError(
+            f"{self.info.path}: no arithmetic of onnxruntime {arithmetic.onnxruntime_version()} on this CPU "
+            f"({arithmetic.cpu().describe()}) reproduces the outputs recorded in the model "
+            f"({'; '.join(c.describe() for c in tried)}); refusing to write rows that differ from the "
+            f"model card's. Try the onnxruntime version the model records ({probe.recorded_with or 'unknown'})")
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``[N, S, S]`` preprocessed images -> ``[N, 4|8]`` normalized boxes (float64)."""
@@ -186,11 +227,12 @@ class ModelRef:
     path: str
     model_id: str
     default: bool = False  # the shipped model: a worker may find it in its own installation
+    arithmetic_mode: str = arithmetic.FUSED  # where the client's probe led; a worker starts there and checks again
 
     @classmethod
     def of(cls, model: BoxModel) -> "ModelRef":
         path = Path(model.info.path).resolve()
-        return cls(str(path), model.info.model_id, path == default_model_path().resolve())
+        return cls(str(path), model.info.model_id, path == default_model_path().resolve(), model.arithmetic.mode)
 
 
 class _Loaded:
@@ -259,7 +301,7 @@ def _load_model(ref: ModelRef, threads: int | None) -> BoxModel:
         raise WorkerModelError(f"{_where()}: model file {path} not found; workers read the model by path, "
                                f"so it must be on a filesystem the workers share with the client")
     try:
-        model = BoxModel(path, threads=threads)
+        model = BoxModel(path, threads=threads, start=ref.arithmetic_mode)
     except WorkerModelError:
         raise
     except ContractError as exc:

@@ -172,7 +172,7 @@ class ReportSession:
     def summarize(self):
         from .summary import write_summaries
 
-        return write_summaries(self.out, self.options.threshold)
+        return write_summaries(self.out, self.options.threshold, self.model.arithmetic.as_dict())
 
     def finish(self, started: float) -> RunResult:
         """Settle the CSV (drop replaced rows), write the summaries, and report this session."""

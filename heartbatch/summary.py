@@ -175,6 +175,7 @@ def to_markdown(summary: dict) -> str:
     if review["reasons"]:
         lines += ["| review reason | images |", "|---|---|"]
         lines += [f"| {reason.replace('|', '/')} | {n} |" for reason, n in review["reasons"].items()] + [""]
+    lines += _arithmetic_lines(summary.get("arithmetic"))
     lines += [
         "## By view position", "",
         "AP views magnify the heart: read their CTR against that.", "",
@@ -210,8 +211,29 @@ def to_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summaries(report: Path, threshold: float = 0.5) -> tuple[Path, Path, dict]:
+def _arithmetic_lines(arithmetic: dict | None) -> list[str]:
+    """One sentence on how the last run computed: the CPU, onnxruntime, and the probe's verdict."""
+    if not arithmetic:
+        return []
+    checks = arithmetic.get("checks") or []
+    if not arithmetic.get("probe"):
+        verdict = "the model carries no arithmetic probe, so its int8 results on this CPU were not checked"
+    elif arithmetic["mode"] == "fused":
+        verdict = "the model's probe gave its recorded exact outputs with the fast kernels"
+    else:
+        first = checks[0] if checks else {}
+        verdict = (f"**the fast kernels disagreed with the model's recorded exact outputs** (worst difference "
+                   f"{first.get('difference')} in {first.get('output')}), so the run measured with the "
+                   f"{arithmetic['mode']} arithmetic instead")
+    return [f"Arithmetic (last run): {arithmetic.get('cpu')}, onnxruntime {arithmetic.get('onnxruntime')}; "
+            f"{verdict}.", ""]
+
+
+def write_summaries(report: Path, threshold: float = 0.5, arithmetic: dict | None = None) -> tuple[Path, Path, dict]:
+    """The summaries; ``arithmetic``: how this run's model computed on this CPU (its probe check)."""
     summary = summarize(report, threshold)
+    if arithmetic is not None:
+        summary["arithmetic"] = arithmetic
     files = ReportFiles.of(report)
     json_path, md_path = files.summary_json, files.summary_md
     for path, text in ((json_path, json.dumps(summary, indent=2) + "\n"), (md_path, to_markdown(summary))):

@@ -162,3 +162,36 @@ def nan_model(path: str | Path, size: int = 224, threshold: float = 0.5) -> Path
     inits = [_shape_n1(), _const("threshold", threshold), _const("nan", [[np.nan] * 8]),
              _const("box", [DEFAULT_BOXES])]
     return _save(path, nodes, inits, size=size, outputs=8)
+
+
+def saturating_copy(source: str | Path, out: str | Path) -> Path:
+    """The shipped model with its 7-bit weights widened to the full int8 range (as models were
+    quantized before 7-bit weights): the same network, but its weights can overflow the 16-bit
+    pair sums of x86 int8 kernels without VNNI. Its probe is recorded again in exact arithmetic,
+    so it is a model a careless exporter could have written; written around the exporter's own
+    refusal to save such a model."""
+    from onnx import numpy_helper
+
+    from exporter import probe
+
+    model = onnx.load(str(source))
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        dq = producer.get(node.input[1]) if node.op_type == "Conv" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        if w.dtype != np.int8:
+            continue
+        for name, value in ((dq.input[0], np.clip(w.astype(np.int16) * 2, -127, 127).astype(np.int8)),
+                            (dq.input[1], numpy_helper.to_array(inits[dq.input[1]]) / 2)):
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+        bias = producer.get(node.input[2]) if len(node.input) > 2 else None
+        if bias is not None and bias.op_type == "DequantizeLinear":
+            for name, value in ((bias.input[0], numpy_helper.to_array(inits[bias.input[0]]) * 2),
+                                (bias.input[1], numpy_helper.to_array(inits[bias.input[1]]) / 2)):
+                inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    probe.record(model)
+    onnx.save(model, str(out))
+    return Path(out)
