@@ -19,6 +19,14 @@ if str(REPO) not in sys.path:  # run from a checkout without installing it
 DATA = Path(os.environ.get("HEARTBATCH_DATA", REPO.parent / "shared" / "data"))
 
 
+def print_machine() -> None:
+    """The machine every figure below was measured on: int8 results and speed depend on the CPU's
+    features (AVX2, AVX-512, VNNI, AMX), so no number is printed without them."""
+    from heartbatch.arithmetic import cpu, onnxruntime_version
+
+    print(f"# machine: {cpu().describe()}; {os.cpu_count()} cores; onnxruntime {onnxruntime_version()}", flush=True)
+
+
 def shared_pngs() -> list[Path]:
     pngs = sorted((DATA / "cxr-ctr").glob("*/png/*.png"))
     if not pngs:

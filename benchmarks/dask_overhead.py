@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, build_folder, timed_command  # noqa: E402
+from _common import REPO, build_folder, print_machine, timed_command  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -139,6 +139,7 @@ def main() -> int:
                                               "network with random weights, built with the [train] extra)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    print_machine()
 
     model = args.model
     if model is None:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import build_folder, timed_command
+from _common import build_folder, print_machine, timed_command
 
 MODES = {"plain": [], "dicom-out": ["--dicom-out", "{tmp}/results"],
          "capture": ["--dicom-out", "{tmp}/captures", "--dicom-out-capture"]}
@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--workers", type=int, help="passed to heartbatch run (default: its own)")
     args = p.parse_args()
+    print_machine()
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_folder(Path(tmp) / "studies", args.n)
         times: dict[str, list[float]] = {mode: [] for mode in MODES}

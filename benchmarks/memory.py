@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, build_folder, chest_dicom, timed_command  # noqa: E402
+from _common import REPO, build_folder, chest_dicom, print_machine, timed_command  # noqa: E402
 
 
 def main() -> int:
@@ -27,6 +27,7 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "heartbatch-bench")
     p.add_argument("--model", type=Path)
     args = p.parse_args()
+    print_machine()
     folder = build_folder(args.workdir / f"jpeg-{args.n}", args.n)
     big = args.workdir / "big" / "8000x8000-16bit.dcm"
     if not big.is_file():

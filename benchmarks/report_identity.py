@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import REPO, build_folder, shared_pngs
+from _common import REPO, build_folder, print_machine, shared_pngs
 
 
 def package_files() -> list[tuple[Path, Path]]:
@@ -119,6 +119,7 @@ def main() -> int:
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     args = p.parse_args()
+    print_machine()
     if args.command == "build":
         build(args.corpus)
     elif args.command == "run":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, shared_pngs  # noqa: E402
+from _common import REPO, print_machine, shared_pngs  # noqa: E402
 
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # crashers, dicom_factory, onnx_models (test helpers)
 
@@ -134,6 +134,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     p.add_argument("--skip-dask", action="store_true", help="leave out the unreachable-scheduler timing")
     args = p.parse_args()
+    print_machine()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     import onnx_models

@@ -38,7 +38,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, build_folder, timed_command  # noqa: E402
+from _common import REPO, build_folder, print_machine, timed_command  # noqa: E402
+
+from heartbatch.arithmetic import cpu, onnxruntime_version  # noqa: E402
 
 
 def original_path(files: list[Path], net) -> float:
@@ -182,6 +184,7 @@ def main() -> int:
     p.add_argument("--skip-original", action="store_true", help="no torch: skip (a)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    print_machine()
 
     cores = os.cpu_count() or 1
     jpeg = build_folder(args.workdir / f"jpeg-{args.n}", args.n)
@@ -223,7 +226,8 @@ def main() -> int:
     startup, all_cores = median(runs["startup"]), median(runs["all_cores"])
     bound = args.n / (startup + args.n / all_cores)
     result = {
-        "machine": {"cores": cores, "python": sys.version.split()[0]},
+        "machine": {"cores": cores, "python": sys.version.split()[0], "cpu": cpu().as_dict(),
+                    "onnxruntime": onnxruntime_version()},
         "n": args.n, "repeats": args.repeats,
         "a_original_img_s": median(runs["a"]) if runs["a"] else None,
         "b_heartbatch_run_img_s": median(runs["b"]),

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, REPO  # noqa: E402
+from _common import DATA, REPO, print_machine  # noqa: E402
 
 SHIPPED_MODEL = REPO / "heartbatch" / "models" / "heartbox.onnx"
 SIIM = DATA / "dicom" / "siim-cxr-pa-jpeg-baseline.dcm"
@@ -126,6 +126,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="give up on a file after this long (60 s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    print_machine()
 
     with tempfile.TemporaryDirectory(prefix="hb-latency-") as tmp:
         tmp = Path(tmp)

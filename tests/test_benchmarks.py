@@ -31,6 +31,7 @@ def test_throughput_benchmark_runs_on_a_tiny_folder(tmp_path, data_dir):
         assert r[key] > 0, key
     assert r["b_over_a"] == pytest.approx(r["b_heartbatch_run_img_s"] / r["a_original_img_s"])
     cores = r["machine"]["cores"]
+    assert r["machine"]["cpu"]["model"] and isinstance(r["machine"]["cpu"]["features"], list)
     assert r["ideal_pipelined_img_s"] == pytest.approx(
         cores / (1 / r["decode_1proc_img_s"] + 1 / r["inference_1thread_best_img_s"]))
     assert r["cold_start_bound_img_s"] == pytest.approx(6 / (r["startup_floor_s"] + 6 / r["all_cores_img_s"]))
@@ -43,6 +44,7 @@ def test_dicom_out_benchmark_runs_on_a_tiny_folder(tmp_path, data_dir):
                             capture_output=True, text=True, timeout=600, cwd=REPO,
                             env={**os.environ, "HEARTBATCH_DATA": str(data_dir)})
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    machine, *lines = result.stdout.splitlines()
+    assert machine.startswith("# machine: ") and "onnxruntime" in machine  # every figure names its CPU
     assert [line.split(":")[0].strip() for line in lines] == ["plain", "dicom-out", "capture"]
     assert all("img/s; throughput vs plain" in line for line in lines)
