@@ -239,8 +239,10 @@ def _mark_lossy(ds: Dataset, method: str, native: int | None = None,
 def shared_png_paths(data_dir: str | Path) -> list[Path]:
     """Sorted so that ``index`` picks the same image on every machine.
 
-    Under the ``data_dir`` fixture (tests/fixtures/data) there are 16 images:
-    0-8 JSRT (the same as 0-8 of the full data set), 9-15 Wingspan.
+    Under the ``data_dir`` fixture (tests/fixtures/data) there are 16 images, all
+    Wingspan (JSRT films may not be redistributed): 0-9 from one site (UID root
+    1.2.156), 10-15 from two others (1.2.392, 1.2.410). The indices name other
+    images in the full shared data set, which also holds JSRT films.
     """
     return sorted(Path(data_dir).glob("cxr-ctr/*/png/*.png"))
 

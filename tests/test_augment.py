@@ -129,6 +129,21 @@ def test_ward_batch_and_augment_batch():
 
 # --- heartbatch-train --show-augmentations, --holdout-source -------------------------------
 
+def _two_source_folder(full_data_dir, tmp_path, n_jsrt=5, n_wingspan=3):
+    """A cxr-ctr-layout folder in tmp_path linking the first films of both sources of the full shared data
+    set, with their masks: the fixture set has Wingspan films only (JSRT films may not be redistributed)."""
+    root = tmp_path / "two-sources"
+    for source, n in (("jsrt", n_jsrt), ("wingspan", n_wingspan)):
+        src = full_data_dir / "cxr-ctr" / source
+        names = sorted(p.name for p in (src / "png").glob("*.png"))[:n]
+        assert len(names) == n, f"{src}: fewer than {n} films"
+        for sub in ("png", "mask/heart", "mask/left_lung", "mask/right_lung"):
+            (root / source / sub).mkdir(parents=True)
+            for name in names:
+                (root / source / sub / name).symlink_to(src / sub / name)
+    return root
+
+
 def test_show_augmentations_writes_the_grid_without_training(data_dir, tmp_path, capsys):
     from exporter import train
 
@@ -146,41 +161,57 @@ def test_show_augmentations_writes_the_grid_without_training(data_dir, tmp_path,
     assert red.any(axis=(1, 3)).all() and blue.any(axis=(1, 3)).all()
     assert not list(tmp_path.glob("**/*.pt")) and not list(tmp_path.glob("**/split.json"))
     assert "nothing trained" in " ".join(capsys.readouterr().err.split())
-    # training films only, sources in turn
+    # training films only (the fixture set is one source: sources in turn is the next test)
     items = load_labels(data_dir / "cxr-ctr")
     args = train.parse_args(["--data", str(data_dir / "cxr-ctr"), "--show-augmentations", str(png)])
+    shown = [i.key for i in train._show_films(args, items)]
+    training = split_keys([i.key for i in items], 0.15, 0)["train"]
+    assert len(shown) == train.SHOW_FILMS and set(shown) <= set(training)
+    assert shown == sorted(training)[:train.SHOW_FILMS]
+
+
+def test_show_augmentations_takes_training_films_of_each_source_in_turn(full_data_dir, tmp_path):
+    """Two sources (JSRT and Wingspan, from the full data set): the films alternate between them,
+    are training films only, and --holdout-source leaves only the other source's films."""
+    from exporter import train
+
+    data = _two_source_folder(full_data_dir, tmp_path, n_jsrt=8, n_wingspan=8)
+    items = load_labels(data)
+    args = train.parse_args(["--data", str(data), "--show-augmentations", str(tmp_path / "aug.png")])
     shown = [i.key for i in train._show_films(args, items)]
     assert [k.split("/")[0] for k in shown] == ["jsrt", "wingspan"] * 2
     assert not set(shown) & set(split_keys([i.key for i in items], 0.15, 0)["val"])
     args.holdout_source = "wingspan"
-    assert all(i.key.startswith("jsrt/") for i in train._show_films(args, items))
+    held = [i.key for i in train._show_films(args, items)]
+    assert len(held) == train.SHOW_FILMS and all(k.startswith("jsrt/") for k in held)
 
 
-def test_holdout_source_split_is_exactly_by_source(data_dir, tmp_path):
-    keys = [f"jsrt/J{i}.png" for i in range(5)] + [f"wingspan/W{i}.png" for i in range(3)]
-    split = holdout_split(keys, "wingspan")
-    assert split["val"] == sorted(k for k in keys if k.startswith("wingspan/"))
-    assert split["train"] == sorted(k for k in keys if k.startswith("jsrt/"))
-    assert holdout_split(keys, "jsrt/")["val"] == split["train"]
-    with pytest.raises(ValueError, match="sources are: jsrt, wingspan"):
+def test_holdout_source_split_is_exactly_by_source(tmp_path):
+    keys = [f"east/E{i}.png" for i in range(5)] + [f"west/W{i}.png" for i in range(3)]
+    split = holdout_split(keys, "west")
+    assert split["val"] == sorted(k for k in keys if k.startswith("west/"))
+    assert split["train"] == sorted(k for k in keys if k.startswith("east/"))
+    assert holdout_split(keys, "east/")["val"] == split["train"]
+    with pytest.raises(ValueError, match="sources are: east, west"):
         holdout_split(keys, "nih")
     with pytest.raises(ValueError, match="none would be left"):
-        holdout_split([k for k in keys if k.startswith("jsrt/")], "jsrt")
+        holdout_split([k for k in keys if k.startswith("east/")], "east")
     path = tmp_path / "split.json"
-    assert load_or_make_split(path, keys, 0.15, 0, holdout_source="wingspan")["val"] == split["val"]
-    assert json.loads(path.read_text())["holdout_source"] == "wingspan"
-    assert load_or_make_split(path, keys, 0.15, 7, holdout_source="wingspan")["val"] == split["val"]  # resumable
+    assert load_or_make_split(path, keys, 0.15, 0, holdout_source="west")["val"] == split["val"]
+    assert json.loads(path.read_text())["holdout_source"] == "west"
+    assert load_or_make_split(path, keys, 0.15, 7, holdout_source="west")["val"] == split["val"]  # resumable
     with pytest.raises(ValueError, match="different split"):
-        load_or_make_split(path, keys, 0.15, 0, holdout_source="jsrt")
+        load_or_make_split(path, keys, 0.15, 0, holdout_source="east")
     with pytest.raises(ValueError, match="give one"):
-        load_or_make_split(tmp_path / "other.json", keys, 0.15, 0, source=path, holdout_source="jsrt")
+        load_or_make_split(tmp_path / "other.json", keys, 0.15, 0, source=path, holdout_source="east")
 
 
-def test_holdout_source_training_run(data_dir, tmp_path, capsys):
-    """Train on JSRT, validate on Wingspan: one command; --split with it, or an unknown source, exit 2."""
+def test_holdout_source_training_run(full_data_dir, tmp_path, capsys):
+    """Train on JSRT, validate on Wingspan (films of the full data set): one command; --split with it,
+    or an unknown source, exit 2."""
     from exporter import train
 
-    data = data_dir / "cxr-ctr"
+    data = _two_source_folder(full_data_dir, tmp_path, n_jsrt=5, n_wingspan=3)
     common = ["--data", str(data), "--size", "64", "--epochs", "1", "--batch-size", "8", "--threads", "1"]
     out = tmp_path / "jsrt-to-wingspan"
     assert train.main([*common, "--out", str(out), "--holdout-source", "wingspan"]) == 0
@@ -189,7 +220,7 @@ def test_holdout_source_training_run(data_dir, tmp_path, capsys):
     assert split["train"] == sorted(f"jsrt/{p.name}" for p in (data / "jsrt" / "png").glob("*.png"))
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["split"] == split and state["config"]["holdout_source"] == "wingspan"
-    assert (state["config"]["train_images"], state["config"]["val_images"]) == (9, 7)
+    assert (state["config"]["train_images"], state["config"]["val_images"]) == (5, 3)
     assert "every wingspan image" in " ".join(capsys.readouterr().err.split())
 
     assert train.main([*common, "--out", str(tmp_path / "b"), "--holdout-source", "jsrt",

@@ -286,7 +286,7 @@ def test_siim_decodes_at_a_quarter_when_224_is_enough(siim_dicom):
 def test_reduced_decode_only_by_exact_factors(data_dir, tmp_path, shape, expected):
     """The reduced image must cover exactly the stored extent, so only factors
     that divide both sides are used, and never below the asked-for side."""
-    image = make_nonsquare(shared_png(data_dir, 2), *shape)
+    image = make_nonsquare(shared_png(data_dir, 11), *shape)  # bright, full range
     path = write_dicom(tmp_path / "j.dcm", image, transfer_syntax=JPEGBaseline8Bit)
     reduced = read_dicom(path, min_side=224)
     assert reduced.image.shape == expected
@@ -298,7 +298,7 @@ def test_reduced_decode_only_by_exact_factors(data_dir, tmp_path, shape, expecte
 
 def test_reduced_decode_keeps_monochrome1_and_window(data_dir, tmp_path):
     """The inversion and the VOI window still apply after a reduced decode."""
-    image = make_nonsquare(shared_png(data_dir, 3), 1024, 1024)
+    image = make_nonsquare(shared_png(data_dir, 12), 1024, 1024)  # bright: the window clips it
     plain = write_dicom(tmp_path / "m2.dcm", image, transfer_syntax=JPEGBaseline8Bit)
     inverted = write_dicom(tmp_path / "m1.dcm", 255 - image, photometric="MONOCHROME1",
                            transfer_syntax=JPEGBaseline8Bit)

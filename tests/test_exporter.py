@@ -49,7 +49,7 @@ def test_a_few_steps_lower_the_loss(data_dir):
     """The whole loop (dataset, engine, net) learns: a broken gradient path would not."""
     torch.manual_seed(0)
     items = load_labels(data_dir / "cxr-ctr")
-    data = build_dataset(items[:4] + items[-4:], size=64)  # JSRT and Wingspan
+    data = build_dataset(items[:4] + items[-4:], size=64)  # Wingspan films of three sites, dark and bright
     model = HeartBoxNet(mean=data.images.mean().item(), std=data.images.std().item(), width=32)
 
     def loss() -> float:
@@ -342,10 +342,20 @@ def test_box_csv_pixels_non_square(tmp_path):
     assert from_box_csv(heart_only, base=tmp_path / "img")[0].heart == wide.heart
 
 
+#: the fixture source the tiny training folders link (the only one in tests/fixtures/data: JSRT may not be
+#: redistributed, and quantize-onnx records probe films of a redistributable source in the model it writes)
+_TINY_SOURCE = "wingspan"
+#: a key of every tiny folder: its first film
+_TINY_FIRST = f"{_TINY_SOURCE}/" + min(
+    (p.name for p in (Path(__file__).parent / "fixtures" / "data" / "cxr-ctr" / _TINY_SOURCE / "png").glob("*.png")),
+    default="fixtures-missing.png")
+
+
 def _tiny_mask_folder(data_dir, tmp_path, n=6):
-    """A cxr-ctr-layout folder of links to a few shared JSRT images and their masks."""
-    src = data_dir / "cxr-ctr" / "jsrt"
-    root = tmp_path / "cxr" / "jsrt"
+    """A cxr-ctr-layout folder of links to the first ``n`` fixture Wingspan films and their masks
+    (no expert CTR file: box labels only)."""
+    src = data_dir / "cxr-ctr" / _TINY_SOURCE
+    root = tmp_path / "cxr" / _TINY_SOURCE
     for sub in ("png", "mask/heart", "mask/left_lung", "mask/right_lung"):
         (root / sub).mkdir(parents=True)
         for image in sorted((src / "png").glob("*.png"))[:n]:
@@ -471,7 +481,7 @@ def test_shared_split_across_seeds(data_dir, tmp_path, capsys):
     assert train.main([*common, "--out", str(tmp_path / "b"), "--split", str(swapped)]) == 2
     assert "different split" in " ".join(capsys.readouterr().err.split())
     foreign = tmp_path / "foreign.json"
-    foreign.write_text(json.dumps({"train": ["jsrt/NOPE.png"], "val": first["val"]}))
+    foreign.write_text(json.dumps({"train": [f"{_TINY_SOURCE}/NOPE.png"], "val": first["val"]}))
     assert train.main([*common, "--out", str(tmp_path / "c"), "--split", str(foreign)]) == 2
     assert "not in the data" in " ".join(capsys.readouterr().err.split())
     foreign.write_text("[1, 2]")
@@ -630,7 +640,7 @@ def test_train_refuses_a_missing_checkpoint(data_dir, tmp_path, capsys):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-@pytest.mark.parametrize("content, says", bad_splits("jsrt/JPCLN001.png"))
+@pytest.mark.parametrize("content, says", bad_splits(_TINY_FIRST))
 def test_quantize_refuses_a_bad_split_file(data_dir, tmp_path, capsys, content, says):
     """Exit 2, the file and what is wrong on stderr, nothing written: never 'internal error'."""
     import onnx_models as M

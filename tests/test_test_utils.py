@@ -3,6 +3,8 @@ give the outputs tests will rely on."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -139,12 +141,51 @@ def test_mixed_folder(mixed_dir):
 
 
 def test_real_dicom_fixtures(siim_dicom, rg1, rg1_j2k, chest_pngs):
-    assert len(chest_pngs) >= 12 and {p.parts[-3] for p in chest_pngs} == {"jsrt", "wingspan"}
+    # Wingspan films only (MIT): JSRT images and SCR masks may not be redistributed (tests/fixtures/README.md)
+    assert len(chest_pngs) >= 16 and {p.parts[-3] for p in chest_pngs} == {"wingspan"}
     siim = pydicom.dcmread(siim_dicom, stop_before_pixels=True)
     assert siim.file_meta.TransferSyntaxUID == JPEGBaseline8Bit and siim.ViewPosition == "PA"
     for path in (rg1, rg1_j2k):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert ds.PhotometricInterpretation == "MONOCHROME1"
+
+
+def _repository_files(repo: Path) -> list[Path]:
+    """Every file the repository holds or would commit (tracked, and untracked but not ignored)."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    return [repo / name for name in listed if name and (repo / name).is_file()]
+
+
+def test_fixtures_are_the_make_fixtures_selection_and_hold_no_jsrt_file(data_dir, full_data_dir):
+    """tests/fixtures/data is exactly what make_fixtures.py copies from the shared data set, byte for
+    byte, and no file of the repository has the content or the name of a JSRT image or SCR mask."""
+    import hashlib
+    import sys
+
+    sys.path.insert(0, str(data_dir.parent))
+    try:
+        import make_fixtures
+    finally:
+        sys.path.remove(str(data_dir.parent))
+    cxr = full_data_dir / "cxr-ctr"
+    chosen = make_fixtures.select(cxr)
+    assert set(chosen) == {"wingspan"}
+    here = sorted(p.relative_to(data_dir / "cxr-ctr") for p in (data_dir / "cxr-ctr").rglob("*.png"))
+    subs = ("png", *(f"mask/{m}" for m in make_fixtures.MASKS))
+    assert here == sorted(Path(s, sub, n) for s, names in chosen.items() for n in names for sub in subs)
+    for rel in here:
+        assert (data_dir / "cxr-ctr" / rel).read_bytes() == (cxr / rel).read_bytes(), rel
+
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    jsrt = [p for p in (cxr / "jsrt").rglob("*") if p.is_file()]
+    assert len(jsrt) >= 247
+    jsrt_names, jsrt_digests = {p.name for p in jsrt}, {digest(p) for p in jsrt}
+    files = _repository_files(data_dir.parents[2])
+    assert [str(p) for p in files if p.name in jsrt_names] == [], "the names of JSRT files"
+    assert [str(p) for p in files if digest(p) in jsrt_digests] == [], "the content of JSRT files"
 
 
 # --- ONNX models ------------------------------------------------------------
