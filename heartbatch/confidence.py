@@ -25,6 +25,8 @@ from . import contract
 
 
 CONTENT_REASON = "not a frontal chest radiograph by its content"
+#: a measured film far from every training film: flagged, never refused for it alone
+UNLIKE_REASON = "unlike the films the model was trained on"
 #: what a refused film most looks like, by the content classifier's most likely wrong class
 WRONG_KIND_REASONS = {
     "negative": "looks like a negative (inverted display?)",
@@ -48,6 +50,7 @@ class Prediction:
     chest_score: float | None = None
     uncertainty: np.ndarray | None = None   # [8] one standard deviation per coordinate
     content: np.ndarray | None = None       # [K] class probabilities
+    distance: float | None = None           # how far the film's features lie from the training films'
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Policy:
     review_chest_score: float = 0.8         # below (and measured): review
     review_uncertainty: float = 0.02        # CTR standard deviation above it: review
     mirrored_probability: float = 0.5       # content class "mirrored" above it: review
+    review_distance: float | None = None    # chest_distance above it: review ("unlike the training films")
     classes: tuple[str, ...] = ()           # the content output's class names
 
     @classmethod
@@ -76,13 +80,15 @@ class Policy:
                    review_chest_score=trust.get("review_chest_score", defaults.review_chest_score),
                    review_uncertainty=trust.get("review_uncertainty", defaults.review_uncertainty),
                    mirrored_probability=trust.get("mirrored_probability", defaults.mirrored_probability),
+                   review_distance=trust.get("review_distance", defaults.review_distance),
                    classes=tuple(trust.get("classes", ())))
 
     def key(self) -> str:
         """What of this policy shapes a row (the ledger re-measures a file when it changes)."""
         return (f"threshold={self.threshold:g};content={'on' if self.content_check else 'off'}"
                 f";min_chest={self.min_chest_score:g};review={self.review_chest_score:g},"
-                f"{self.review_uncertainty:g},{self.mirrored_probability:g}")
+                f"{self.review_uncertainty:g},{self.mirrored_probability:g}"
+                + ("" if self.review_distance is None else f",{self.review_distance:g}"))
 
 
 def refusal(prediction: Prediction, policy: Policy) -> str | None:
@@ -145,6 +151,9 @@ def review_reasons(prediction: Prediction, policy: Policy, ctr_sd: float | None,
             and len(policy.classes) == len(prediction.content)
             and prediction.content[policy.classes.index("mirrored")] > policy.mirrored_probability):
         reasons.append("mirrored film or dextrocardia?")
+    if (prediction.distance is not None and policy.review_distance is not None
+            and prediction.distance > policy.review_distance):
+        reasons.append(UNLIKE_REASON)
     if ctr_sd is not None and ctr_sd > policy.review_uncertainty:
         reasons.append("uncertain heart or thorax borders")
     for problem in box_problems(prediction.boxes, aspect):

@@ -25,7 +25,8 @@ OUTPUT_LAYOUTS = {
 CHEST_SCORE = "chest_score"      # [N] in [0, 1]: a frontal chest film, upright, not a negative
 UNCERTAINTY = "uncertainty"      # [N, 8]: one standard deviation of each box coordinate (normalized)
 CONTENT = "content"              # [N, K]: content class probabilities, class names in META_TRUST
-OPTIONAL_OUTPUTS = {CHEST_SCORE: ("N",), UNCERTAINTY: ("N", 8), CONTENT: ("N", None)}
+CHEST_DISTANCE = "chest_distance"  # [N]: distance of the film's features from the training films'
+OPTIONAL_OUTPUTS = {CHEST_SCORE: ("N",), UNCERTAINTY: ("N", 8), CONTENT: ("N", None), CHEST_DISTANCE: ("N",)}
 
 # metadata_props keys
 META_FORMAT = "heartbatch.format_version"

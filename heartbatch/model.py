@@ -212,10 +212,12 @@ class BoxModel:
         scores = values.get(contract.CHEST_SCORE)
         sds = values.get(contract.UNCERTAINTY)
         content = values.get(contract.CONTENT)
+        distance = values.get(contract.CHEST_DISTANCE)
         return [Prediction(boxes[i],
                            chest_score=None if scores is None else float(scores[i]),
                            uncertainty=None if sds is None else sds[i].astype(np.float64),
-                           content=None if content is None else content[i].astype(np.float64))
+                           content=None if content is None else content[i].astype(np.float64),
+                           distance=None if distance is None else float(distance[i]))
                 for i in range(len(boxes))]
 
 

@@ -224,15 +224,32 @@ def test_review_reasons_from_the_outputs():
                                                   "uncertain heart or thorax borders"]
 
 
+def test_a_film_unlike_the_training_films_is_flagged_never_refused_for_it():
+    """Distance from the training films alone never refuses a chest film; it flags it, with a reason."""
+    from heartbatch.confidence import UNLIKE_REASON, refusal, review_reasons
+
+    classes = ("chest", "mirrored", "negative", "turned", "upside_down", "cropped", "other")
+    policy = Policy(classes=classes, review_distance=1.6)
+    chest = np.array([0.99, 0.01, 0, 0, 0, 0, 0])
+    far = Prediction(TYPICAL, 0.99, None, chest, distance=9.0)
+    assert refusal(far, policy) is None
+    assert review_reasons(far, policy, 0.01) == [UNLIKE_REASON]
+    assert review_reasons(Prediction(TYPICAL, 0.99, None, chest, distance=1.0), policy, 0.01) == []
+    assert review_reasons(far, Policy(classes=classes), 0.01) == []  # a model that states no cut
+    assert Policy(review_distance=1.6).key() != Policy().key()  # a new cut re-measures the rows
+
+
 def test_policy_comes_from_the_model_metadata_with_user_overrides(model_dir):
     import json
 
     from heartbatch import contract as C
 
     path = M.constant_box_model(model_dir / "policy.onnx", M.DEFAULT_BOXES, metadata_overrides={
-        C.META_TRUST: json.dumps({"min_chest_score": 0.3, "review_uncertainty": 0.04, "classes": ["chest"]})})
+        C.META_TRUST: json.dumps({"min_chest_score": 0.3, "review_uncertainty": 0.04, "classes": ["chest"],
+                                  "review_distance": 2.5})})
     meta = BoxModel(path).info.metadata
     assert Policy.for_model(meta).min_chest_score == 0.3
+    assert Policy.for_model(meta).review_distance == 2.5
     assert Policy.for_model(meta, min_chest_score=0.7).min_chest_score == 0.7
     assert Policy.for_model(meta).review_uncertainty == 0.04
     assert Policy.for_model(meta).key() != Policy.for_model(meta, content_check=False).key()
