@@ -8,11 +8,13 @@ pydicom-data's CT, MR, NM, US, extremity CR, test patterns, treated as if
 they were radiographs) and drawn test patterns.  A mirrored film is its own
 class: still a chest film, measured, but flagged.
 
-Real lateral views and most body parts are not available here, so the
-classifier is not trusted alone: a Mahalanobis distance of the layer4 features
-from the training films (fitted on chest films, ward corruptions included)
-gates the score, so an image unlike anything seen in training gets a low
-score whatever the classifier says.
+Real ward films (``trust-onnx --ward``: the fitting patients' films, as they are,
+mirrored and made wrong) teach it that portable, sick and cluttered films are
+chest films.  Real lateral views and most body parts are not available here, so
+the classifier is not trusted alone: a Mahalanobis distance of the layer4
+features from the training films (chest and ward films) flags, never refuses,
+an image unlike anything seen in training ("unlike the films the model was
+trained on"): a chest film is never refused for being unusual.
 """
 
 from __future__ import annotations
@@ -180,8 +182,7 @@ class ContentHead:
     b: np.ndarray             # [K]
     l4_mean: np.ndarray       # Mahalanobis distance of the layer4 features
     whiten: np.ndarray
-    distance_cut: float = 3.0     # per-dimension distance where the gate is 0.5
-    distance_slope: float = 2.0
+    distance_cut: float = 3.0     # per-dimension distance beyond which a film is flagged as unlike the training films
 
     def chest_mask(self) -> np.ndarray:
         return np.array([c in ("chest", "mirrored") for c in self.classes])
@@ -199,10 +200,12 @@ class ContentHead:
         return (d * d).sum(1) / LAYER4_DIMS
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """What the graph computes: P(chest or mirrored) x the distance gate."""
-        p = self.probabilities(features)[:, self.chest_mask()].sum(1)
-        gate = 1 / (1 + np.exp(-(self.distance_cut - self.distance(features)) * self.distance_slope))
-        return p * gate
+        """What the graph computes as ``chest_score``: P(chest or mirrored)."""
+        return self.probabilities(features)[:, self.chest_mask()].sum(1)
+
+    def far(self, features: np.ndarray) -> np.ndarray:
+        """Unlike the training films: flagged for review, never refused for it."""
+        return self.distance(features) > self.distance_cut
 
 
 def fit_classifier(features: np.ndarray, labels: np.ndarray, classes: int, l2: float = 1e-3,

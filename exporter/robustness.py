@@ -12,7 +12,9 @@ the content check, and how the review flag does (the share flagged, the CTR
 error of flagged and unflagged rows, the share of rows off by more than 0.03
 and 0.05 that it catches).  Each film goes through the runtime's own
 :func:`heartbatch.records.measure`, so the flag is the one `heartbatch run`
-would set.
+would set.  ``--ward FOLDER`` (real ward films, no labels, see exporter/ward.py)
+also reports how many of them are refused and flagged, per reason, for the
+patients `trust-onnx --ward` held out and for those it fitted on.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from heartbatch.records import measure
 from . import corrupt
 from .augment import boxes_from_masks
 from .datasets import build_dataset
+from .ward import patient_split, read_ward
 
 SETS = ("clean", *sorted(corrupt.WARD), "ward_mix")
 
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS), help="which sets (all)")
     p.add_argument("--seed", type=int, default=0, help="corruption seed (0: the model card's sets)")
     p.add_argument("--json", type=Path, help="also write the table as JSON")
+    p.add_argument("--ward", type=Path, help="also real ward films: a folder with FOLDER.csv (file, patient[, view])")
+    p.add_argument("--ward-seed", type=int, default=0, help="the patient split's seed (trust-onnx --seed; 0)")
     args = p.parse_args(argv)
     try:
         model = BoxModel(args.model)
@@ -124,10 +129,47 @@ def main(argv=None) -> int:
         print(f"{kind:12}{row['n']:5d}{row['measured']:9.3f}{row['ctr_mae']:9.4f}{row['agreement']:7.3f}"
               f"{row['off_0.05']:7.3f}{row['flagged']:8.3f}{_f(row['mae_flagged']):>9}{_f(row['mae_unflagged']):>9}"
               f"{_f(row['caught_0.03']):>9}{_f(row['caught_0.05']):>9}{_f(row['flagged_good_0.05']):>11}", flush=True)
+    ward = {}
+    if args.ward:
+        try:
+            fit, held = patient_split(read_ward(args.ward), args.ward_seed)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for name, films in (("held out", held), ("fitted on", fit)):
+            ward[name] = row = ward_rows(model, policy, films)
+            print(f"ward films, patients {name} (seed {args.ward_seed}): {row['n']} films ({row['views']}); "
+                  f"refused {row['refused']}, measured {row['measured']}, flagged {row['flagged']} "
+                  f"({row['flagged'] / max(row['measured'], 1):.0%} of measured); CTR median {row['ctr_median']}")
+            for reason, count in row["reasons"].items():
+                print(f"  {count:4d}  {reason}")
     if args.json:
-        args.json.write_text(json.dumps({"model_id": model.info.model_id, "seed": args.seed, "sets": table},
-                                        indent=1, sort_keys=True))
+        args.json.write_text(json.dumps({"model_id": model.info.model_id, "seed": args.seed, "sets": table,
+                                         "ward": ward}, indent=1, sort_keys=True))
     return 0
+
+
+def ward_rows(model: BoxModel, policy: Policy, films) -> dict:
+    """Real ward films through the runtime's measurement: refused, measured, flagged, by reason."""
+    from collections import Counter
+
+    from heartbatch.images import load_image
+    from heartbatch.pixels import preprocess
+
+    size = model.info.input_size
+    images = np.stack([preprocess(load_image(f.path), size) for f in films]) if films else np.zeros((0, size, size))
+    header = DicomHeader(rows=size, columns=size)
+    records = [measure(str(f.path), header, p, model.info.model_id, policy)
+               for start in range(0, len(films), 16)
+               for f, p in zip(films[start:start + 16], model.infer(images[start:start + 16]))]
+    measured = [r for r in records if r.ok]
+    reasons = Counter(f"refused: {r.reason}" for r in records if not r.ok)
+    reasons.update(f"flagged: {reason}" for r in measured if r.review for reason in r.review_reason.split("; "))
+    ctr = [r.ctr for r in measured if not r.review]
+    return {"n": len(records), "views": ", ".join(f"{v} {n}" for v, n in sorted(Counter(f.view or "?" for f in films).items())),
+            "refused": len(records) - len(measured), "measured": len(measured),
+            "flagged": sum(bool(r.review) for r in measured), "reasons": dict(reasons.most_common()),
+            "ctr_median": round(float(np.median(ctr)), 3) if ctr else None}
 
 
 def _f(value) -> str:

@@ -168,15 +168,12 @@ def add_content_head(model: onnx.ModelProto, head: "ContentHead") -> onnx.ModelP
               "trust/d2", keepdims=0)
     dist = _node(g, "Div", [d, _const(g, "trust/dims", np.array(LAYER4_DIMS, np.float32))], "chest_distance")
     _output(g, "chest_distance", ["N"])
-    chest = _node(g, "ReduceSum", [_node(g, "Mul", [content, _const(g, "trust/chest_classes",
-                                                                       head.chest_mask().astype(np.float32))],
-                                         "trust/chest_p"), _const(g, "trust/last_c", np.array([1]))],
-                  "trust/p_chest", keepdims=0)
-    # far beyond the training films' distances the classifier has no say: it never saw such images
-    gate = _node(g, "Sigmoid", [_node(g, "Mul", [_node(g, "Sub", [_const(g, "trust/d_cut", np.array(
-        head.distance_cut, np.float32)), dist], "trust/d_margin"), _const(g, "trust/d_slope", np.array(
-            head.distance_slope, np.float32))], "trust/d_logit")], "trust/gate")
-    _node(g, "Mul", [chest, gate], "chest_score")
+    # the classifier alone: distance from the training films flags a film (the runtime compares
+    # chest_distance with the policy's review_distance), it never refuses one
+    _node(g, "ReduceSum", [_node(g, "Mul", [content, _const(g, "trust/chest_classes",
+                                                           head.chest_mask().astype(np.float32))],
+                             "trust/chest_p"), _const(g, "trust/last_c", np.array([1]))],
+          "chest_score", keepdims=0)
     _output(g, "chest_score", ["N"])
     return model
 
@@ -246,6 +243,7 @@ def main(argv=None) -> int:
     from .onnxfile import metadata, save, set_metadata
     from .robustness import ctrs
     from .saturation import SaturationError, refuse_saturating
+    from .ward import patient_split, read_ward
 
     p = argparse.ArgumentParser(prog="trust-onnx", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="ONNX model written by export-onnx or quantize-onnx")
@@ -255,6 +253,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--report", type=Path, help="also write the evaluation as JSON here")
+    p.add_argument("--ward", type=Path,
+                   help="a folder of real ward films with FOLDER.csv (file, patient): half the patients (by a "
+                        "seeded hash) are fitted on as chest films and set the review cut; the rest are held out "
+                        "and reported")
+    p.add_argument("--max-ward-flagged", type=float, default=0.10,
+                   help="with --ward: review-uncertainty cut flags at most this share of the fitting patients' "
+                        "films (0.10)")
     p.add_argument("--leave-out-packages", action="store_true",
                    help="also check each family of package images with a classifier fitted without it "
                         "(kinds of image never seen in fitting; about 30 more fits)")
@@ -267,6 +272,7 @@ def main(argv=None) -> int:
         size = input_size(base)
         featured = with_features(base)
         probe_films = probe.choose(split["train"])
+        ward_fit, ward_held = patient_split(read_ward(args.ward), args.seed) if args.ward else ([], [])
     except (OSError, ValueError, LabelError, SplitError, SurgeryError, SaturationError, KeyError,
             onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -277,13 +283,19 @@ def main(argv=None) -> int:
     by_key = {i.key: i for i in items}
     films = {k: preprocess(load_image(by_key[k].image_path), size) for k in split["train"] + split["val"]}
     train = content.chest_samples({k: films[k] for k in split["train"]}, args.seed)
+    ward = {f.key: preprocess(load_image(f.path), size) for f in ward_fit + ward_held}
+    train.extend(content.chest_samples({f.key: ward[f.key] for f in ward_fit}, args.seed, ward_copies=1))
     others = content.package_samples(size, args.seed)
     others.extend(content.pattern_samples(size, args.seed))
     val = content.chest_samples({k: films[k] for k in split["val"]}, args.seed + 1)
-    print(f"fitting on {len(train.images)} training-film samples and {len(others.images)} package images "
-          f"and patterns; checking on {len(val.images)} validation-film samples", flush=True)
+    held = content.Samples()
+    for f in ward_held:
+        held.add(ward[f.key], content.CHEST, f"ward_held_{f.view or 'any'}", f.key)
+    print(f"fitting on {len(train.images)} training-film samples ({len(ward_fit)} real ward films among the "
+          f"films) and {len(others.images)} package images and patterns; checking on {len(val.images)} "
+          f"validation-film samples and {len(ward_held)} held-out ward films", flush=True)
     fit = {name: run_outputs(session, s.images, names) for name, s in (("train", train), ("others", others),
-                                                                          ("val", val))}
+                                                                          ("val", val), ("held", held)) if s.images}
     features = np.concatenate([fit["train"][FEATURES], fit["others"][FEATURES]])
     labels = np.array(train.labels + others.labels)
     mu, sd, w, b = content.fit_classifier(features, labels, len(content.CLASSES))
@@ -293,7 +305,6 @@ def main(argv=None) -> int:
     val_pos = np.isin(np.array(val.labels), [content.CHEST, content.MIRRORED])
     typical = float(np.percentile(head.distance(fit["val"][FEATURES][val_pos]), 99))
     head.distance_cut = 2.0 * typical                       # twice the validation films' 99th percentile
-    head.distance_slope = float(np.log(99) / (head.distance_cut - typical))  # gate 0.99 at that percentile
 
     # uncertainty: scale the spread so that it is one standard deviation of the CTR error (clean validation)
     clean = np.array([k == "chest" for k in val.kinds])
@@ -304,12 +315,20 @@ def main(argv=None) -> int:
     raw = ctr_sd(pred, spread)
     factor = float(np.median(err / raw) / 0.6745)
     review_uncertainty = choose_review_cut(session, films, split["val"], by_key, size, factor, args.seed + 1)
+    ward_cut = None
+    if ward_fit:  # real ward films spread wider where the boxes are fine (leads, haze): flag few of them
+        ward_rows = run_outputs(session, [ward[f.key] for f in ward_fit], [C.OUTPUT_NAME, "uncertainty"])
+        ward_cut = float(np.quantile(ctr_sd(ward_rows[C.OUTPUT_NAME], ward_rows["uncertainty"]) * factor,
+                                     1 - args.max_ward_flagged))
+        review_uncertainty = max(review_uncertainty, ward_cut)
 
     policy = dict(classes=list(content.CLASSES), min_chest_score=0.5, review_chest_score=0.8,
                   review_uncertainty=round(review_uncertainty, 4), mirrored_probability=0.5,
-                  uncertainty_factor=round(factor, 4), distance_cut=round(head.distance_cut, 3))
-    evaluation = _evaluate(head, fit["val"][FEATURES], val, policy)
-    evaluation["uncertainty"] = {"factor": factor, "review_cut": review_uncertainty,
+                  uncertainty_factor=round(factor, 4), distance_cut=round(head.distance_cut, 3),
+                  review_distance=round(head.distance_cut, 3))
+    checked = [fit[name][FEATURES] for name in ("val", "held") if name in fit]
+    evaluation = _evaluate(head, np.concatenate(checked), _joined(val, held), policy)
+    evaluation["uncertainty"] = {"factor": factor, "review_cut": review_uncertainty, "ward_cut": ward_cut,
                                  "ctr_mae_clean_val": float(err.mean()),
                                  "share_within_1sd": float(np.mean(err <= raw * factor))}
     if args.leave_out_packages:
@@ -318,8 +337,12 @@ def main(argv=None) -> int:
     meta = metadata(base)
     meta[C.META_TRUST] = json.dumps({**policy, "fit": (
         f"content classifier and feature distance fitted by trust-onnx on {len(train.images)} samples of "
-        f"{len(split['train'])} training films and {len(others.images)} package images and patterns "
-        f"(seed {args.seed}); uncertainty calibrated on {int(clean.sum())} validation films")}, sort_keys=True)
+        f"{len(split['train'])} training films, {len(ward_fit)} ward films of {len({f.patient for f in ward_fit})} "
+        f"patients and {len(others.images)} package images and patterns (seed {args.seed}); uncertainty "
+        f"calibrated on {int(clean.sum())} validation films"
+        + (f"; review cut flags at most {args.max_ward_flagged:.0%} of those ward films" if ward_fit else "")
+        + (f"; held-out ward patients: {', '.join(sorted({f.patient for f in ward_held}))}" if ward_held else ""))},
+        sort_keys=True)
     set_metadata(out, meta)
     onnx.checker.check_model(out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -370,16 +393,26 @@ def _evaluate(head, features: np.ndarray, samples, policy: dict) -> dict:
     score = head.score(features)
     p = head.probabilities(features)
     mirrored = p[:, content.CLASSES.index("mirrored")] > policy["mirrored_probability"]
+    far = head.far(features)
     kinds = np.array(samples.kinds)
     out = {}
     for kind in sorted(set(kinds)):
         m = kinds == kind
         refused = score[m] < policy["min_chest_score"]
-        unsure = (score[m] < policy["review_chest_score"]) | mirrored[m]
+        unsure = (score[m] < policy["review_chest_score"]) | mirrored[m] | far[m]
         out[kind] = {"n": int(m.sum()), "refused": float(refused.mean()),
                      "refused_or_flagged": float((refused | unsure).mean()),
-                     "mirrored_flag": float(mirrored[m].mean())}
+                     "mirrored_flag": float(mirrored[m].mean()), "unlike_flag": float((far[m] & ~refused).mean())}
     return {"by_kind": out}
+
+
+def _joined(*samples):
+    from . import content
+
+    out = content.Samples()
+    for s in samples:
+        out.extend(s)
+    return out
 
 
 def _leave_out(head, fit: dict, train, others, policy: dict) -> dict:
@@ -395,22 +428,25 @@ def _leave_out(head, fit: dict, train, others, policy: dict) -> dict:
     for group in sorted(set(groups)):
         keep = np.concatenate([in_train, groups != group])
         mu, sd, w, b = content.fit_classifier(features[keep], labels[keep], len(content.CLASSES), steps=200)
-        held = content.ContentHead(head.classes, mu, sd, w, b, head.l4_mean, head.whiten,
-                                   head.distance_cut, head.distance_slope)
-        score = held.score(fit["others"][FEATURES][groups == group])
+        held = content.ContentHead(head.classes, mu, sd, w, b, head.l4_mean, head.whiten, head.distance_cut)
+        family = fit["others"][FEATURES][groups == group]
+        score = held.score(family)
         out[group] = {"n": int(len(score)), "refused": float(np.mean(score < policy["min_chest_score"])),
-                      "refused_or_flagged": float(np.mean(score < policy["review_chest_score"]))}
+                      "refused_or_flagged": float(np.mean((score < policy["review_chest_score"])
+                                                          | held.far(family)))}
     return out
 
 
 def _print(evaluation: dict, policy: dict) -> None:
-    print(f"{'validation-film samples':24}{'n':>6}{'refused':>10}{'refused or flagged':>20}{'mirrored':>10}")
+    print(f"{'validation-film samples':24}{'n':>6}{'refused':>10}{'refused or flagged':>20}{'mirrored':>10}"
+          f"{'unlike':>8}")
     for kind, row in evaluation["by_kind"].items():
         print(f"{kind:24}{row['n']:6d}{row['refused']:10.3f}{row['refused_or_flagged']:20.3f}"
-              f"{row['mirrored_flag']:10.3f}")
+              f"{row['mirrored_flag']:10.3f}{row['unlike_flag']:8.3f}")
     for group, row in evaluation.get("left_out_packages", {}).items():
         print(f"left out {group:15}{row['n']:6d}{row['refused']:10.3f}{row['refused_or_flagged']:20.3f}")
     u = evaluation["uncertainty"]
     print(f"uncertainty factor {u['factor']:.4f}; CTR error within one SD on clean validation "
-          f"{u['share_within_1sd']:.2f}; review above CTR SD {u['review_cut']:.4f}; "
+          f"{u['share_within_1sd']:.2f}; review above CTR SD {u['review_cut']:.4f}"
+          + (f" (the ward films' cut {u['ward_cut']:.4f})" if u.get("ward_cut") is not None else "") + "; "
           f"content check: refuse below {policy['min_chest_score']}, review below {policy['review_chest_score']}")

@@ -74,18 +74,32 @@ def test_trust_onnx_end_to_end(shipped, data_dir, tmp_path, capsys):
     keys = sorted(f"{p.parent.parent.name}/{p.name}" for p in data.glob("*/png/*.png"))
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": keys[:6] + keys[10:], "val": keys[6:10]}))
+    ward = tmp_path / "ward" / "films"  # stand-ins for real ward films: chest films, with patients
+    ward.mkdir(parents=True)
+    for i, png in enumerate(sorted(data.glob("*/png/*.png"))[:8]):
+        (ward / f"w{i}.png").symlink_to(png)
+    ward.with_suffix(".csv").write_text("file,patient,view\n" + "".join(
+        f"w{i}.png,P{i // 2},{'AP' if i % 2 else 'PA'}\n" for i in range(8)))
     out, report = tmp_path / "trusted.onnx", tmp_path / "trust.json"
     assert trust.main([str(default_model_path()), "--data", str(data), "--split", str(split), "--out", str(out),
-                       "--report", str(report)]) == 0
+                       "--report", str(report), "--ward", str(ward)]) == 0
     printed = capsys.readouterr().out
-    assert "negative" in printed and "uncertainty factor" in printed
+    assert "negative" in printed and "uncertainty factor" in printed and "the ward films' cut" in printed
     model = BoxModel(out)
-    assert model.info.has_trust
+    assert model.info.has_trust and "chest_distance" in model.info.optional
     policy = json.loads(model.info.metadata[C.META_TRUST])
     assert policy["classes"][0] == "chest" and policy["review_uncertainty"] > 0
+    assert policy["review_distance"] == policy["distance_cut"] > 0
+    evaluation = json.loads(report.read_text())
+    assert evaluation["uncertainty"]["review_cut"] >= evaluation["uncertainty"]["ward_cut"]
+    held = {k for k in evaluation["by_kind"] if k.startswith("ward_held_")}
+    assert held and "held-out ward patients: P" in policy["fit"]  # the patients kept out are named
     films = _films(data_dir, 4)
     np.testing.assert_allclose(model.predict(films), BoxModel().predict(films), atol=1e-6)
-    evaluation = json.loads(report.read_text())
+    # the chest score is the classifier's alone: distance flags a film, it never refuses one
+    content, score = _run(onnx.load(str(out)), films, ["content", C.CHEST_SCORE])
+    chest = [policy["classes"].index(c) for c in ("chest", "mirrored")]
+    np.testing.assert_allclose(score, content[:, chest].sum(1), atol=1e-5)
     assert set(evaluation["by_kind"]) >= {"chest", "negative", "turned_90", "mirrored"}
 
 
