@@ -91,6 +91,7 @@ def quantize(source: Path, out: Path, batches) -> None:
                             op_types_to_quantize=["Conv", "Add", "MaxPool"], nodes_to_exclude=excluded,
                             calibrate_method=CalibrationMethod.MinMax, reduce_range=True)
             quantized = onnx.load(str(partial))
+            requantize_weights(quantized)  # reduce_range's symmetric grid reaches +-64: one step beyond 7 bits
             refuse_saturating(quantized, f"the quantized {source.name}")
             onnxfile.set_metadata(quantized, onnxfile.metadata(original))
             quantized.producer_name = "heartbatch quantize-onnx"

@@ -2,12 +2,12 @@
 
 x86 CPUs without VNNI multiply u8 activations by s8 weights with VPMADDUBSW, which adds
 each pair of products into a signed 16-bit integer with saturation: with activations up
-to 255, a pair overflows unless every weight is within +-64 (2 x 255 x 64 = 32,640 <=
-32,767). Which weights are paired depends on the kernel's packing, so the bound is on
+to 255, a pair can overflow unless every weight is within +-64 (2 x 255 x 64 = 32,640 <=
+32,767); heartbatch keeps weights to 7 signed bits, [-63, 63], a step inside that bound. Which weights are paired depends on the kernel's packing, so the bound is on
 every weight. s8 activations are shifted to u8 by those kernels first, so the same bound
 holds for them. u8 weights (U8U8) run in kernels that widen to 16 bits before
-multiplying: they cannot saturate. With weights quantized to 7 bits (`quantize-onnx`
-uses onnxruntime's ``reduce_range``: [-64, 64]) the same kernels are exact on every CPU.
+multiplying: they cannot saturate. With 7-bit weights the same fast kernels are exact on
+every CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from heartbatch.errors import HeartbatchError
 
 ACTIVATION_MAX = 255
 PAIR_SUM_MAX = 32767
-SAFE_WEIGHT = PAIR_SUM_MAX // (2 * ACTIVATION_MAX)  # 64
+SAFE_WEIGHT = 63  # 7 signed bits; the 16-bit pair sum allows up to PAIR_SUM_MAX // (2 * ACTIVATION_MAX) = 64
 
 # op type -> index of its (quantized) weight input
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}
@@ -48,8 +48,9 @@ def saturation_risks(model: onnx.ModelProto) -> list[str]:
             continue  # u8 weights run in kernels that widen first
         largest = int(np.abs(numpy_helper.to_array(tensor).astype(np.int16)).max(initial=0))
         if largest > SAFE_WEIGHT:
-            risks.append(f"{user}: int8 weight {name} reaches {largest} (at most {SAFE_WEIGHT} is safe: "
-                         f"2 x 255 x {largest} = {2 * ACTIVATION_MAX * largest} > {PAIR_SUM_MAX})")
+            risks.append(f"{user}: int8 weight {name} reaches {largest}, beyond 7 bits ({SAFE_WEIGHT}); pairs of "
+                         f"u8 x s8 products reach 2 x 255 x {largest} = {2 * ACTIVATION_MAX * largest} "
+                         f"against a 16-bit limit of {PAIR_SUM_MAX}")
     return risks
 
 
@@ -67,8 +68,8 @@ def refuse_saturating(model: onnx.ModelProto, what: str) -> None:
 
 
 def requantize_weights(model: onnx.ModelProto) -> list[str]:
-    """Requantize, in place, each int8 weight that can saturate to 7 bits (per output channel,
-    symmetric, [-64, 64], as onnxruntime's ``reduce_range``), and the int32 bias of its
+    """Requantize, in place, each int8 weight beyond 7 bits to 7 bits (per output channel,
+    symmetric, [-63, 63]), and the int32 bias of its
     convolution with it (its scale is the input scale times the weight scale). Activations and
     everything else stay as they are. For a quantized model whose float source is gone: the
     dequantized weights are the float model that the exact arithmetic computes. Returns the

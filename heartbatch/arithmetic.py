@@ -209,7 +209,10 @@ class ArithmeticCheck:
     """What a loaded model's probe showed on this CPU, and the arithmetic it measures with."""
     mode: str                                  # the arithmetic in use
     comparisons: tuple[Comparison, ...] = ()   # each arithmetic tried, in order; empty: no probe
-    has_probe: bool = True
+
+    @property
+    def has_probe(self) -> bool:
+        return bool(self.comparisons)
 
     @property
     def fallback(self) -> bool:

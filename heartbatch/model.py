@@ -182,7 +182,7 @@ class BoxModel:
         """Compare the outputs for the probe with the recorded ones; on disagreement, move to the
         next slower, exact arithmetic and run the probe again."""
         if probe is None:
-            return arithmetic.ArithmeticCheck(start, has_probe=False)
+            return arithmetic.ArithmeticCheck(start)
         tried = [arithmetic.compare_outputs(sample, probe, start)]
         for mode in arithmetic.MODES[arithmetic.MODES.index(start) + 1:]:
             if tried[-1].passed:

@@ -524,6 +524,10 @@ def test_quantize_exported_model(data_dir, tmp_path, capsys):
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= 20  # the backbone's convolutions
+    from exporter.saturation import SAFE_WEIGHT, saturation_risks
+
+    assert saturation_risks(onnx.load(str(int8_path))) == []  # 7-bit weights: no CPU's kernels saturate
+    assert max(int(np.abs(onnx.numpy_helper.to_array(i).astype(int)).max()) for i in int8_weights) <= SAFE_WEIGHT
     produced_by = {o: n for n in graph.node for o in n.output}
     head = [n for n in graph.node if n.op_type == "Conv"][-1]
     assert head.input[1] not in produced_by or produced_by[head.input[1]].op_type != "DequantizeLinear"
