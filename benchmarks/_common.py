@@ -34,12 +34,24 @@ def shared_pngs() -> list[Path]:
     return pngs
 
 
+#: Encodings the benchmarks write: name -> (transfer syntax keyword, what writes it).
+SYNTAXES = {
+    "raw": "ExplicitVRLittleEndian",    # uncompressed
+    "rle": "RLELossless",               # pydicom's RLE encoder (pylibjpeg-rle)
+    "jpeg": "JPEGBaseline8Bit",         # Pillow (libjpeg), quality 95; 8-bit only
+    "jpeg-lossless": "JPEGLosslessSV1",  # imagecodecs (libjpeg-turbo 3's lossless JPEG, predictor 1)
+    "jpeg-ls": "JPEGLSLossless",        # pydicom with pyjpegls (CharLS)
+    "j2k": "JPEG2000Lossless",          # pydicom with pylibjpeg-openjpeg (OpenJPEG), 5 levels
+    "j2k-lossy": "JPEG2000",            # the same, compression ratio 10
+}
+
+
 def chest_dicom(path: Path, pixels: np.ndarray, *, bits: int = 8, syntax: str = "jpeg", index: int = 0) -> None:
-    """A frontal CR like the RSNA files: PA, MONOCHROME2, 0.168 mm spacing."""
+    """A frontal CR like the RSNA files: PA, MONOCHROME2, 0.168 mm spacing, in one of SYNTAXES."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
-    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     cr_storage = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.1")
     ds = Dataset()
@@ -56,18 +68,30 @@ def chest_dicom(path: Path, pixels: np.ndarray, *, bits: int = 8, syntax: str = 
     ds.PixelSpacing = [0.168, 0.168]
     ds.BitsAllocated = 8 if bits == 8 else 16
     ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, 0
-    if syntax == "jpeg":
-        buffer = io.BytesIO()
-        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=95)
-        ds.PixelData = encapsulate([buffer.getvalue()])
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-        ds.LossyImageCompression = "01"
+    stored = pixels.astype(np.uint8 if bits == 8 else np.uint16)
+    syntax_uid = getattr(pydicom.uid, SYNTAXES[syntax])
+    if syntax in ("jpeg", "jpeg-lossless"):
+        if syntax == "jpeg":
+            buffer = io.BytesIO()
+            Image.fromarray(stored).save(buffer, format="JPEG", quality=95)
+            frame = buffer.getvalue()
+            ds.LossyImageCompression = "01"
+        else:
+            import imagecodecs
+
+            frame = imagecodecs.jpeg8_encode(stored, lossless=True, predictor=1, bitspersample=bits)
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax_uid
         ds["PixelData"].is_undefined_length = True
     else:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
-        if syntax == "j2k":
-            ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+        ds.PixelData = stored.tobytes()
+        if syntax == "j2k-lossy":
+            ds.compress(syntax_uid, j2k_cr=[10], encoding_plugin="pylibjpeg")
+            ds.LossyImageCompression = "01"
+        elif syntax != "raw":
+            ds.compress(syntax_uid)
     ds.save_as(path, enforce_file_format=True)
 
 

@@ -21,7 +21,7 @@ from . import arithmetic, contract
 from .confidence import Prediction
 from .errors import ContractError, WorkerModelError
 from .files import sha256_file
-from .pixels import PIPELINE_VERSION
+from .pixels import PIPELINE_VERSION, RUNS_MODELS_OF
 
 DEFAULT_MODEL_NAME = "heartbox.onnx"
 
@@ -109,9 +109,10 @@ def _check(session, path: Path) -> tuple[ModelInfo, arithmetic.Probe | None, dic
         if isinstance(dim, int) and dim != size:
             raise ContractError(f"{where}: graph input is {shape} but metadata says S={size}")
     pixels = meta.get(contract.META_PIXELS_VERSION)
-    if pixels is not None and pixels != PIPELINE_VERSION:
+    if pixels is not None and pixels not in RUNS_MODELS_OF:
         raise ContractError(f"{where}: trained with pixel pipeline v{pixels}, this heartbatch has "
-                            f"v{PIPELINE_VERSION}; use a matching heartbatch version or retrain")
+                            f"v{PIPELINE_VERSION} (and runs models of v{', v'.join(RUNS_MODELS_OF)}); "
+                            f"use a matching heartbatch version or retrain")
     probe = _probe(meta, where, size)
     sample = probe.inputs if probe is not None and len(probe.images) >= 2 else np.zeros((2, 1, size, size), np.float32)
     n = len(sample)

@@ -290,8 +290,10 @@ def test_flat_dicom_gives_zeros_without_error(tmp_path):
 #: left out for that reason: np.exp differs in the last bit between SIMD levels.
 #: Version 1 was first recorded on a JSRT film (47f4a0dd...ba130f); the fixtures now hold Wingspan
 #: films only, so it is recorded again on fixture film FILM (the same pipeline gives both).
+#: Version 2 added the reduced JPEG 2000 and block-mean inputs (v1 decoded both at full size).
 PIPELINE_CHECKSUMS = {
     "1": "a528a3c84c14c0a5c4648b799f1e803e045e56f323a49d1f7ecc5ee15dfe4103",
+    "2": "2c2a63995596ca5e394c6744ace180ec26e8e5387ae85c071fe027f4d70328b5",
 }
 
 
@@ -323,9 +325,16 @@ def _pipeline_inputs(siim_dicom, data_dir, folder) -> dict[str, np.ndarray]:
             folder / "modality_lut.dcm", s12, window=(8750.0, 14500.0), VOILUTFunction="LINEAR_EXACT",
             ModalityLUTSequence=[_lut_item([4096, 0, 16], inverted, ModalityLUTType="US")], **common),
     }
+    full12 = (shared_png(data_dir, FILM).astype(np.int64) * 4095) // 255  # 512 x 512: reduced by 2 at S
+    reduced = {  # v2: JPEG 2000 decoded at a coarser level (integer 5/3 wavelet), the others block-averaged
+        f"JPEG 2000 lossless min_side={S}": write_dicom(folder / "j2k.dcm", full12, bits_stored=12,
+                                                        transfer_syntax=JPEG2000Lossless),
+        f"uncompressed min_side={S}": write_dicom(folder / "native.dcm", full12, **common),
+    }
     return {"SIIM": read_dicom(siim_dicom).image,
             f"SIIM min_side={S}": read_dicom(siim_dicom, min_side=S).image,
-            **{name: read_dicom(path).image for name, path in files.items()}}
+            **{name: read_dicom(path).image for name, path in files.items()},
+            **{name: read_dicom(path, min_side=S).image for name, path in reduced.items()}}
 
 
 def test_pipeline_output_is_tied_to_pipeline_version(siim_dicom, data_dir, tmp_path):

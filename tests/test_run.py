@@ -322,6 +322,22 @@ def test_contract_breaking_model_is_refused_before_any_file(request, mixed_dir, 
     assert not out_dir.exists()
 
 
+@pytest.mark.parametrize("version, refused", [("1", False), ("2", False), ("0", True), ("3", True)])
+def test_model_of_another_pixel_pipeline_is_refused(tmp_path, version, refused):
+    """A model records the pixel pipeline it was trained with; v1 models still run under v2 (they
+    differ only in how non-JPEG DICOM pixels are reduced), any other version is refused, naming both."""
+    from heartbatch import contract as C
+    from heartbatch.errors import ContractError
+    from heartbatch.model import BoxModel
+
+    path = M.constant_box_model(tmp_path / f"v{version}.onnx", metadata_overrides={C.META_PIXELS_VERSION: version})
+    if not refused:
+        assert BoxModel(path).info.input_size == 224
+        return
+    with pytest.raises(ContractError, match=f"trained with pixel pipeline v{version}, this heartbatch has v2"):
+        BoxModel(path)
+
+
 def test_missing_model_file_is_refused(mixed_dir, tmp_path):
     root, _ = mixed_dir
     out_dir = tmp_path / "never"
