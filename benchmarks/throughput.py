@@ -22,6 +22,14 @@ lossless variant, then measures end-to-end images/s of:
       N / (start-up + N / all-cores rate).
 
 Each measurement is repeated; medians are reported with b/a and b/ideal.
+
+    python benchmarks/throughput.py --syntaxes [--n 100] [--sides 1024 2048] [--before ../old-checkout]
+
+instead prints a table per transfer syntax (uncompressed 16-bit, RLE, JPEG Baseline, JPEG
+Lossless SV1, JPEG-LS lossless, JPEG 2000 lossless and lossy; 12 bits stored but JPEG
+Baseline's 8) and film size: decode + preprocess alone (one process) and the whole
+`heartbatch run`, in images/s, and each run's share of JPEG Baseline's on the same films.
+With ``--before`` a checkout of another heartbatch is measured beside this one, interleaved.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, build_folder, print_machine, timed_command  # noqa: E402
+from _common import REPO, SYNTAXES, build_folder, print_machine, timed_command  # noqa: E402
 
 from heartbatch.arithmetic import cpu, onnxruntime_version  # noqa: E402
 
@@ -79,12 +87,12 @@ def load_torch_net(checkpoints: list[Path]):
     return nets[0] if len(nets) == 1 else Averaged(nets).eval()
 
 
-def heartbatch_run(folder: Path, workdir: Path, model: Path | None) -> tuple[float, int]:
+def heartbatch_run(folder: Path, workdir: Path, model: Path | None, code: Path = REPO) -> tuple[float, int]:
     out = workdir / f"report-{time.monotonic_ns()}.csv"
     cmd = [sys.executable, "-m", "heartbatch", "run", str(folder), "--out", str(out), "--quiet"]
     if model:
         cmd += ["--model", str(model)]
-    seconds, peak, result = timed_command(cmd, cwd=REPO)
+    seconds, peak, result = timed_command(cmd, cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
     if result.returncode != 0:
         raise SystemExit(f"heartbatch run failed ({result.returncode}): {result.stderr[-2000:]}")
     n = json.loads(result.stdout.strip().splitlines()[-1])["ok"]
@@ -169,6 +177,66 @@ def all_cores_rate(files: list[Path], model_path: Path | None, cores: int) -> fl
     return len(files) / max(seconds)
 
 
+DECODE_PROBE = """
+import sys, time
+from pathlib import Path
+from heartbatch.workers import DecodePool
+files = sorted(str(p) for p in Path(sys.argv[1]).glob("*.dcm"))
+pool = DecodePool(0, int(sys.argv[2]))
+list(pool.map(files[:2]))
+start = time.perf_counter()
+results = list(pool.map(files))
+seconds = time.perf_counter() - start
+assert all(not hasattr(r, "status") for r in results), "unreadable files"
+print(len(files) / seconds)
+"""
+
+
+def decode_rate(folder: Path, size: int, code: Path) -> float:
+    """decode + preprocess images/s of one process, with the heartbatch of ``code``."""
+    _, _, result = timed_command([sys.executable, "-c", DECODE_PROBE, str(folder), str(size)], cwd=code,
+                                 env={**os.environ, "PYTHONPATH": str(code)})
+    if result.returncode != 0:
+        raise SystemExit(f"decode probe with {code} failed: {result.stderr[-2000:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def syntax_table(args) -> int:
+    """images/s per transfer syntax and film size, this checkout (and --before), interleaved."""
+    from heartbatch.model import BoxModel
+
+    size = BoxModel(args.model).info.input_size
+    codes = {"after": REPO} | ({"before": args.before.resolve()} if args.before else {})
+    folders = {(syntax, side): build_folder(args.workdir / f"{syntax}-{side}-{args.n}", args.n, size=side,
+                                            bits=8 if syntax == "jpeg" else 12, syntax=syntax)
+               for side in args.sides for syntax in SYNTAXES}
+    rates: dict[tuple, list[float]] = {}
+    for r in range(args.repeats):
+        print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
+        for key, folder in folders.items():
+            for name, code in codes.items():
+                rates.setdefault((*key, name, "decode"), []).append(decode_rate(folder, size, code))
+                rates.setdefault((*key, name, "run"), []).append(heartbatch_run(folder, args.workdir, args.model,
+                                                                                code)[0])
+    table = {k: median(v) for k, v in rates.items()}
+    names = list(codes)
+    head = ["syntax", "side"] + [f"decode {n}" for n in names] + [f"run {n}" for n in names] + \
+        [f"run/JPEG {n}" for n in names]
+    print(f"N={args.n} films per folder, {args.repeats} repeats, medians, images/s")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for (syntax, side) in folders:
+        cells = [SYNTAXES[syntax], str(side)]
+        cells += [f"{table[(syntax, side, n, 'decode')]:.1f}" for n in names]
+        cells += [f"{table[(syntax, side, n, 'run')]:.1f}" for n in names]
+        cells += [f"{table[(syntax, side, n, 'run')] / table[('jpeg', side, n, 'run')]:.2f}" for n in names]
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"n": args.n, "repeats": args.repeats, "codes": {k: str(v) for k, v in codes.items()},
+                                         "raw": {"/".join(map(str, k)): v for k, v in rates.items()}}, indent=2) + "\n")
+    return 0
+
+
 def median(values):
     return statistics.median(values)
 
@@ -183,8 +251,13 @@ def main() -> int:
                    help="torch checkpoint(s) of the shipped model's network(s), for the original path")
     p.add_argument("--skip-original", action="store_true", help="no torch: skip (a)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--syntaxes", action="store_true", help="the table per transfer syntax instead (see above)")
+    p.add_argument("--sides", type=int, nargs="+", default=[1024, 2048], help="film sizes for --syntaxes")
+    p.add_argument("--before", type=Path, help="with --syntaxes: another checkout measured beside this one")
     args = p.parse_args()
     print_machine()
+    if args.syntaxes:
+        return syntax_table(args)
 
     cores = os.cpu_count() or 1
     jpeg = build_folder(args.workdir / f"jpeg-{args.n}", args.n)
