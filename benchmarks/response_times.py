@@ -9,7 +9,7 @@ long it takes, on this machine, as the median (and max) of --repeats tries:
                           from start to exit 2 (it must not wait for the lock; includes
                           interpreter start-up and imports)
   time_limit_inprocess_s  prepare() of a file whose reader blocks for 30 s, with a 0.5 s limit
-  time_limit_pool_s       the same in a 2-worker DecodePool with a 2 s limit, ten files
+  time_limit_pool_s       the same in a 2-worker WorkerPool with a 2 s limit, ten files
                           (one hanging), from submit to the last result
   dask_unreachable_s      `run --scheduler tcp://127.0.0.1:1` with a 2 s connect timeout,
                           in this process, to exit 2 (needs heartbatch[dask]; --skip-dask)
@@ -48,8 +48,8 @@ def _chest(path: Path, index: int = 0) -> Path:
 
 
 def lock_refusal(workdir: Path, model: Path) -> float:
-    from heartbatch.ledger import Ledger
-    from heartbatch.session import ReportFiles
+    from heartbatch.report.ledger import Ledger
+    from heartbatch.report.paths import ReportFiles
 
     folder = workdir / "lock" / "studies"
     if not folder.is_dir():
@@ -90,10 +90,10 @@ def time_limit_inprocess(workdir: Path) -> float:
 
 def time_limit_pool(workdir: Path) -> float:
     import crashers
-    from heartbatch.workers import DecodePool
+    from heartbatch.workers import WorkerPool
 
     files = _hang_files(workdir)
-    pool = DecodePool(workers=2, size=224, timeout=2.0, many=crashers.each(crashers.hang_on_marker), chunk=1)
+    pool = WorkerPool(workers=2, size=224, timeout=2.0, many=crashers.each(crashers.hang_on_marker), chunk=1)
     try:
         started = time.perf_counter()
         results = list(pool.map(files))

@@ -100,9 +100,9 @@ def heartbatch_run(folder: Path, workdir: Path, model: Path | None, code: Path =
 
 
 def decode_only(files: list[Path], size: int, workers: int) -> float:
-    from heartbatch.workers import DecodePool
+    from heartbatch.workers import WorkerPool
 
-    pool = DecodePool(workers, size)
+    pool = WorkerPool(workers, size)
     try:
         if workers:
             list(pool.map(str(f) for f in files[:8]))  # start the pool outside the timing
@@ -180,9 +180,10 @@ def all_cores_rate(files: list[Path], model_path: Path | None, cores: int) -> fl
 DECODE_PROBE = """
 import sys, time
 from pathlib import Path
-from heartbatch.workers import DecodePool
+from heartbatch import workers
 files = sorted(str(p) for p in Path(sys.argv[1]).glob("*.dcm"))
-pool = DecodePool(0, int(sys.argv[2]))
+Pool = getattr(workers, "WorkerPool", None) or getattr(workers, "DecodePool")  # the name of older checkouts
+pool = Pool(0, int(sys.argv[2]))
 list(pool.map(files[:2]))
 start = time.perf_counter()
 results = list(pool.map(files))
@@ -206,10 +207,12 @@ def syntax_table(args) -> int:
     from heartbatch.model import BoxModel
 
     size = BoxModel(args.model).info.input_size
+    if args.only and "jpeg" not in args.only:
+        args.only = [*args.only, "jpeg"]
     codes = {"after": REPO} | ({"before": args.before.resolve()} if args.before else {})
     folders = {(syntax, side): build_folder(args.workdir / f"{syntax}-{side}-{args.n}", args.n, size=side,
                                             bits=8 if syntax == "jpeg" else 12, syntax=syntax)
-               for side in args.sides for syntax in SYNTAXES}
+               for side in args.sides for syntax in SYNTAXES if syntax in (args.only or SYNTAXES)}
     rates: dict[tuple, list[float]] = {}
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
@@ -254,6 +257,8 @@ def main() -> int:
     p.add_argument("--syntaxes", action="store_true", help="the table per transfer syntax instead (see above)")
     p.add_argument("--sides", type=int, nargs="+", default=[1024, 2048], help="film sizes for --syntaxes")
     p.add_argument("--before", type=Path, help="with --syntaxes: another checkout measured beside this one")
+    p.add_argument("--only", nargs="+", choices=sorted(SYNTAXES), help="with --syntaxes: these encodings only "
+                   "(JPEG Baseline, the reference, is always measured)")
     args = p.parse_args()
     print_machine()
     if args.syntaxes:

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from heartbatch.pixels import display_image, preprocess, scale_to_unit
 
 from . import corrupt
+from .net import LAYER4_DIMS
 
 CHEST, MIRRORED, NEGATIVE, TURNED, UPSIDE_DOWN, CROPPED, OTHER = range(7)
 CLASSES = ("chest", "mirrored", "negative", "turned", "upside_down", "cropped", "other")
@@ -194,7 +195,6 @@ class ContentHead:
         return p / p.sum(1, keepdims=True)
 
     def distance(self, features: np.ndarray) -> np.ndarray:
-        from .trust import LAYER4_DIMS
 
         d = (features[:, :LAYER4_DIMS] - self.l4_mean) @ self.whiten
         return (d * d).sum(1) / LAYER4_DIMS

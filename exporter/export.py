@@ -36,7 +36,7 @@ from heartbatch.errors import HeartbatchError
 from heartbatch.files import sha256_file
 from heartbatch.pixels import PIPELINE_VERSION, pipeline_description
 
-from . import checkpoint, onnxfile
+from . import checkpoint, onnxfile, props
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
 DEFAULT_OPSET = 17
@@ -152,7 +152,7 @@ def from_heartbatch(ckpt: dict, path: Path) -> tuple[nn.Module, int, dict[str, s
                                + (f" + labels {cfg['labels']}" if cfg.get("labels") else "")
                                + f": {cfg.get('train_images', '?')} training / {cfg.get('val_images', '?')}"
                                f" validation images, seed {cfg.get('seed', '?')}, {reached}"),
-        C.META_VALIDATION: json.dumps(onnxfile.json_safe(ckpt.get("metrics") or {}), sort_keys=True),
+        C.META_VALIDATION: json.dumps(props.json_safe(ckpt.get("metrics") or {}), sort_keys=True),
         C.META_CODE_VERSION: str(cfg.get("code_version", "unknown")),
     })
     return model, size, meta
@@ -200,7 +200,7 @@ def export(model: nn.Module, size: int, meta: dict[str, str], out: Path, opset: 
     width = proto.graph.output[0].type.tensor_type.shape.dim[1]
     width.ClearField("dim_param")
     width.dim_value = len(meta[C.META_OUTPUT_LAYOUT].split(","))
-    onnxfile.set_metadata(proto, meta)
+    props.set_metadata(proto, meta)
     proto.producer_name = "heartbatch export-onnx"
     onnx.checker.check_model(proto, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 COORDS = 8  # heart x0 y0 x1 y1, thorax x0 y0 x1 y1
+LAYER4_DIMS = 512  # channels of ResNet18's last stage: the pooled features the content check reads
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:

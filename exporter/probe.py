@@ -12,7 +12,7 @@ import onnx
 
 from heartbatch import arithmetic
 
-from . import onnxfile
+from . import props
 
 # data sources (the first part of a film's key, "wingspan/x.png") whose images may be shipped
 REDISTRIBUTABLE = ("wingspan",)
@@ -50,7 +50,7 @@ def exact_outputs(model: onnx.ModelProto, inputs: np.ndarray) -> dict[str, np.nd
 def record(model: onnx.ModelProto, probe_images: np.ndarray | None = None) -> arithmetic.Probe:
     """Store in ``model``'s metadata the probe of ``probe_images`` (default: the images its probe
     already has) with the exact outputs of this graph."""
-    meta = onnxfile.metadata(model)
+    meta = props.metadata(model)
     if probe_images is None:
         if arithmetic.META_PROBE not in meta:
             raise ValueError("the model has no probe images to record outputs for")
@@ -61,5 +61,5 @@ def record(model: onnx.ModelProto, probe_images: np.ndarray | None = None) -> ar
                              f"onnxruntime {arithmetic.onnxruntime_version()}, exact arithmetic "
                              f"(no graph optimization: dequantize, float, quantize)")
     meta[arithmetic.META_PROBE] = probe.to_json()
-    onnxfile.set_metadata(model, meta)
+    props.set_metadata(model, meta)
     return probe

@@ -38,7 +38,7 @@ from heartbatch.model import BoxModel, ContractError
 from heartbatch.files import replacing
 from heartbatch.pixels import preprocess
 
-from . import onnxfile, probe
+from . import onnxfile, probe, props
 from .saturation import SaturationError, refuse_saturating, requantize_weights
 
 META_QUANTIZATION = "heartbatch.quantization"
@@ -93,7 +93,7 @@ def quantize(source: Path, out: Path, batches) -> None:
             quantized = onnx.load(str(partial))
             requantize_weights(quantized)  # reduce_range's symmetric grid reaches +-64: one step beyond 7 bits
             refuse_saturating(quantized, f"the quantized {source.name}")
-            onnxfile.set_metadata(quantized, onnxfile.metadata(original))
+            props.set_metadata(quantized, props.metadata(original))
             quantized.producer_name = "heartbatch quantize-onnx"
             onnx.save(quantized, str(partial))
 
@@ -108,7 +108,7 @@ def requantize(source: Path, out: Path) -> int:
 
 def update_metadata(path: Path, updates: dict[str, str], probe_images=None) -> None:
     model = onnx.load(str(path))
-    onnxfile.set_metadata(model, {**onnxfile.metadata(model), **updates})
+    props.set_metadata(model, {**props.metadata(model), **updates})
     onnxfile.save(model, path, probe_images)
 
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     loss = after["heart_mae_px224"] - before["heart_mae_px224"]
     update_metadata(args.out, {
         META_QUANTIZATION: f"{how}; heart error {loss:+.3f} px at 224 on {len(val)} validation images",
-        C.META_VALIDATION: json.dumps(onnxfile.json_safe(after), sort_keys=True),
+        C.META_VALIDATION: json.dumps(props.json_safe(after), sort_keys=True),
     })
     print(f"{'':24}{'source':>10}{'int8':>10}   (source in exact arithmetic; int8 as this CPU runs it: "
           f"{quantized.arithmetic.mode})")

@@ -16,6 +16,7 @@ from .model import BoxModel, shared_model
 from .pipeline import RunOptions, Runner
 from .records import Record
 from .scan import scan
+from .workers import measure_one
 
 
 def load_model(model: str | Path | BoxModel | None = None) -> BoxModel:
@@ -26,9 +27,9 @@ def load_model(model: str | Path | BoxModel | None = None) -> BoxModel:
 
 
 def predict(path: str | Path, model: str | Path | BoxModel | None = None, threshold: float = 0.5) -> Record:
-    """Measure one file.  Always returns a Record; check ``.status`` and ``.reason``."""
-    with Runner(load_model(model), RunOptions(workers=0, threshold=threshold, batch_size=1)) as runner:
-        return next(iter(runner.process([path])))[0]
+    """Measure one file as `heartbatch run` does.  Always returns a Record; check ``.status`` and ``.reason``."""
+    box_model = load_model(model)
+    return measure_one(str(path), box_model, RunOptions(threshold=threshold).policy(box_model))[0]
 
 
 def predict_folder(folder: str | Path, model: str | Path | BoxModel | None = None, threshold: float = 0.5,

@@ -27,6 +27,13 @@ from . import contract
 CONTENT_REASON = "not a frontal chest radiograph by its content"
 #: a measured film far from every training film: flagged, never refused for it alone
 UNLIKE_REASON = "unlike the films the model was trained on"
+
+
+def is_content_reason(reason: str) -> bool:
+    """A skipped row's reason says the content check refused it (the CSV keeps the reason, not its code)."""
+    return reason.startswith(CONTENT_REASON)
+
+
 #: what a refused film most looks like, by the content classifier's most likely wrong class
 WRONG_KIND_REASONS = {
     "negative": "looks like a negative (inverted display?)",

@@ -7,7 +7,7 @@ the Dask worker) and returns the chunk's :class:`~heartbatch.records.Record`
 objects.  The client scans lazily, asks the ledger which files need a row,
 schedules the chunks as a local run does (:mod:`heartbatch.scheduler`: a
 bounded number in flight, failed ones retried file by file), and writes each returned chunk
-through the same :class:`~heartbatch.session.ReportSession` as a local run,
+through the same :class:`~heartbatch.report.session.ReportSession` as a local run,
 so resume and exactly-once hold unchanged.
 
 Failures: a worker that dies has its tasks rescheduled by Dask on other
@@ -37,7 +37,7 @@ from pathlib import Path
 from .errors import DistributedError, ExitCode
 from .model import BoxModel, ModelRef, WorkerModelError, worker_model  # noqa: F401 - re-exported
 from .pipeline import RunOptions, Runner
-from .session import ReportSession, RunResult
+from .report.session import ReportSession, RunResult
 from .records import Record
 from .scheduler import Backend, Failed, chunks, schedule
 

@@ -17,11 +17,11 @@ from functools import partial
 from pathlib import Path
 
 from .confidence import Policy
-from .dicom_results import ResultOptions
+from .results import ResultOptions
 from .model import BoxModel, remember
 from .records import Record
-from .session import ReportSession, RunResult
-from .workers import DEFAULT_TIMEOUT, DecodePool, measure_files
+from .report.session import ReportSession, RunResult
+from .workers import DEFAULT_TIMEOUT, WorkerPool, measure_files
 
 
 # files per worker task, measured in one inference batch: single-threaded int8 inference is ~7 %
@@ -41,14 +41,6 @@ class RunOptions:
     min_chest_score: float | None = None  # None: the threshold the model recommends (its metadata)
     dicom_out: ResultOptions | None = None  # --dicom-out: write each ok row's DICOM results (SR + PR or SC)
 
-    @classmethod
-    def from_args(cls, args) -> "RunOptions":
-        """The options of `run` and `watch` from their parsed command line."""
-        return cls(batch_size=args.batch_size, workers=args.workers, threshold=args.ctr_threshold,
-                   include_patient_id=args.include_patient_id, threads=args.threads, timeout=args.timeout,
-                   content_check=args.content_check, min_chest_score=args.min_chest_score,
-                   dicom_out=ResultOptions(args.dicom_out.absolute(), args.dicom_out_capture) if args.dicom_out else None)
-
     def policy(self, model: BoxModel) -> Policy:
         return Policy.for_model(model.info.metadata, self.threshold, self.content_check, self.min_chest_score)
 
@@ -65,7 +57,7 @@ class Runner:
         task = partial(measure_files, model=remember(model), policy=self.options.policy(model), threads=threads,
                        results=self.options.dicom_out)
         # the pool outlives one call to process(), so `watch` starts its workers once
-        self.pool = DecodePool(workers, model.info.input_size, self.options.timeout, many=task,
+        self.pool = WorkerPool(workers, model.info.input_size, self.options.timeout, many=task,
                                chunk=FILES_PER_TASK)
 
     def process(self, paths: Iterable[str | Path]) -> Iterator[list[Record]]:

@@ -1,7 +1,7 @@
 """Chunks of files through tasks that may fail, each file once: the one scheduling algorithm.
 
 Both ways of running many files, worker processes on this machine
-(:class:`heartbatch.workers.DecodePool`) and a Dask cluster
+(:class:`heartbatch.workers.WorkerPool`) and a Dask cluster
 (:mod:`heartbatch.distributed`), cut the files into chunks, keep a bounded
 number of chunk tasks in flight and take results as tasks complete.  When a
 task fails (its worker died, or it raised) the files it held are retried one

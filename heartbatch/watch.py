@@ -30,12 +30,12 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 
-from .ledger import Fingerprint
+from .report.ledger import Fingerprint
 from .model import BoxModel
 from .pipeline import RunOptions, Runner
 from .records import ERROR, SKIPPED, Record
 from .scan import scan
-from .session import ReportSession
+from .report.session import ReportSession
 
 #: Names that copy tools use while a file is still being written.
 TEMPORARY_NAMES = ("*.part", "*.partial", "*.tmp", "*.crdownload", "*.swp", ".*", "*~")

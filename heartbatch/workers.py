@@ -3,7 +3,7 @@
 :func:`prepare` turns one path into model input or a record, never an
 exception, within a time limit; :func:`measure_files` also runs the model on
 a few of them in one batch, so only small records leave the process.
-:class:`DecodePool` runs one of them over many files in worker processes, a
+:class:`WorkerPool` runs one of them over many files in worker processes, a
 few files per task, scheduled by :func:`heartbatch.scheduler.schedule`; a
 worker that dies (a decoder crash, the OOM killer) costs only the file that
 killed it: the files it had in flight are retried one at a time, and a file
@@ -27,7 +27,7 @@ import numpy as np
 from . import contract, sanitize
 from .confidence import Policy
 from .dicom import DicomHeader, read_dicom
-from .dicom_results import ResultOptions, write_results
+from .results import ResultOptions, write_results
 from .errors import FileTimeout, ReadError, Skipped
 from .model import ModelRef, worker_model
 from .pixels import preprocess
@@ -102,16 +102,29 @@ def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_T
     every core beats one multi-threaded model waiting for decoded images.
     """
     items = [prepare(path, size, timeout) for path in paths]
-    ready = [item for item in items if isinstance(item, Prepared)]
-    if not ready:
+    if not any(isinstance(item, Prepared) for item in items):
         return items
     box_model = worker_model(model, threads)
-    predictions = iter(box_model.infer(np.stack([item.image for item in ready])))
-    records = [measure(item.path, item.header, next(predictions), box_model.info.model_id, policy)
-               if isinstance(item, Prepared) else item for item in items]
+    records = _measure_prepared(items, box_model, policy)
     if results is not None:
         _write_dicom_results(records, box_model.info, results)
     return records
+
+
+def _measure_prepared(items: list[Prepared | Record], model, policy: Policy) -> list[Record]:
+    """The prepared items through the model in one batch; records (unreadable files) as they are."""
+    ready = [item for item in items if isinstance(item, Prepared)]
+    predictions = iter(model.infer(np.stack([item.image for item in ready])) if ready else ())
+    return [measure(item.path, item.header, next(predictions), model.info.model_id, policy)
+            if isinstance(item, Prepared) else item for item in items]
+
+
+def measure_one(path: str, model, policy: Policy, timeout: float | None = DEFAULT_TIMEOUT
+                ) -> tuple[Record, np.ndarray | None]:
+    """One file through exactly the steps of `heartbatch run`, in this process: `show` and the API
+    give the record the report would hold.  Also the model input (None when the file was not read)."""
+    item = prepare(str(path), model.info.input_size, timeout)
+    return _measure_prepared([item], model, policy)[0], item.image if isinstance(item, Prepared) else None
 
 
 def _write_dicom_results(records: list[Record], info, options: ResultOptions) -> None:
@@ -144,11 +157,11 @@ def _end_with(main_pid: int) -> None:
 
 
 def prepare_files(paths: list[str], size: int, timeout: float | None = DEFAULT_TIMEOUT) -> list[Prepared | Record]:
-    """prepare() each of a task's files: :class:`DecodePool`'s default task."""
+    """prepare() each of a task's files: :class:`WorkerPool`'s default task."""
     return [prepare(path, size, timeout) for path in paths]
 
 
-class DecodePool:
+class WorkerPool:
     """A task function over many paths in worker processes, results in completion order.
 
     ``many(paths, size, timeout)`` handles a task's list of up to ``chunk`` files
@@ -200,7 +213,7 @@ class _Processes(Backend):
 
     max_failures = MAX_CRASHES
 
-    def __init__(self, pool: DecodePool):
+    def __init__(self, pool: WorkerPool):
         self.pool = pool
 
     def limit(self) -> int:

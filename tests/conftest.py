@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_file
 
 import onnx_models as M
 from dicom_factory import mixed_folder, shared_png_paths
+from helpers import Processes
 
 REPO = Path(__file__).resolve().parents[1]
 #: The in-repository subset of the shared data (same layout), see tests/fixtures/README.md.
@@ -117,6 +118,15 @@ def mixed_dir(tmp_path: Path, data_dir: Path) -> tuple[Path, dict[str, str]]:
     """A folder of mixed files and the status each should get."""
     root = tmp_path / "mixed"
     return root, mixed_folder(root, data_dir)
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    """Start real subprocesses (``procs.start(hb(...), name)``); each one's whole session is killed
+    in teardown."""
+    p = Processes(tmp_path)
+    yield p
+    p.cleanup()
 
 
 # --- ONNX models (written once per session) ---------------------------------

@@ -1,8 +1,8 @@
-"""Misbehaving stand-ins for :func:`heartbatch.workers.prepare`, for DecodePool tests.
+"""Misbehaving stand-ins for :func:`heartbatch.workers.prepare`, for WorkerPool tests.
 
 Each one behaves like a real decoder would on a pathological file, chosen by a
 marker in the file name, and otherwise calls the real ``prepare`` so the other
-files give real results.  :func:`each` makes one a DecodePool task (its
+files give real results.  :func:`each` makes one a WorkerPool task (its
 ``many=``), which worker processes run: so these live at module level, where a
 worker can import them.
 """
@@ -23,7 +23,7 @@ HANG_SECONDS = 30.0
 
 
 def each(function):
-    """A DecodePool task that runs ``function(path, size, timeout)`` on each of its files, in order."""
+    """A WorkerPool task that runs ``function(path, size, timeout)`` on each of its files, in order."""
     return partial(_each, function)
 
 

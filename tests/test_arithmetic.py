@@ -23,7 +23,7 @@ import pytest
 
 import onnx_models as M
 from dicom_factory import shared_png, write_dicom
-from exporter import onnxfile, probe as probe_writer, quantize
+from exporter import onnxfile, probe as probe_writer, props, quantize
 from exporter.saturation import SAFE_WEIGHT, SaturationError, saturation_risks
 from heartbatch import arithmetic
 from heartbatch.arithmetic import EXACT, FUSED, Probe
@@ -181,11 +181,11 @@ def test_worker_processes_start_in_the_clients_arithmetic(saturating):
 def test_a_probe_no_arithmetic_reproduces_refuses_the_model(tmp_path, capsys):
     """Recorded outputs that nothing here gives: no row is written from it (exit 3)."""
     model = onnx.load(str(default_model_path()))
-    meta = onnxfile.metadata(model)
+    meta = props.metadata(model)
     probe = Probe.from_json(meta[arithmetic.META_PROBE])
     probe.outputs["boxes"] = probe.outputs["boxes"] + 0.05
     meta[arithmetic.META_PROBE] = probe.to_json()
-    onnxfile.set_metadata(model, meta)
+    props.set_metadata(model, meta)
     bad = tmp_path / "bad-probe.onnx"
     onnx.save(model, str(bad))
     with pytest.raises(ContractError, match="reproduces the outputs recorded"):
@@ -194,7 +194,7 @@ def test_a_probe_no_arithmetic_reproduces_refuses_the_model(tmp_path, capsys):
     assert "reproduces the outputs recorded" in " ".join(capsys.readouterr().err.split())
 
     meta[arithmetic.META_PROBE] = "{not json"
-    onnxfile.set_metadata(model, meta)
+    props.set_metadata(model, meta)
     onnx.save(model, str(bad))
     with pytest.raises(ContractError, match="probe cannot be read"):
         BoxModel(bad, threads=1)
@@ -247,7 +247,7 @@ def test_requantize_an_int8_model_to_7_bit_weights(saturating, data_dir, tmp_pat
     assert "largest box difference" in printed and "heart error change" in printed
     written = onnx.load(str(out))
     assert saturation_risks(written) == []
-    meta = onnxfile.metadata(written)
+    meta = props.metadata(written)
     assert "requantized from 8 to 7 bits" in meta[quantize.META_QUANTIZATION]
     probe = Probe.from_json(meta[arithmetic.META_PROBE])
     assert len(probe.images) == probe_writer.FILMS + 1  # the films and a negative

@@ -38,7 +38,7 @@ from dicom_factory import (make_nonsquare, monochrome1_twin, shared_png, shared_
 from heartbatch import cli, pipeline
 from heartbatch.model import BoxModel
 from heartbatch.records import Record
-from heartbatch.workers import DecodePool, Prepared, prepare
+from heartbatch.workers import WorkerPool, Prepared, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -560,7 +560,7 @@ def pool_files(tmp_path_factory, data_dir) -> list[str]:
 
 
 def _pool_results(function, paths, timeout=60.0, workers=2, chunk=1):
-    pool = DecodePool(workers=workers, size=224, timeout=timeout, many=crashers.each(function), chunk=chunk)
+    pool = WorkerPool(workers=workers, size=224, timeout=timeout, many=crashers.each(function), chunk=chunk)
     try:
         started = time.monotonic()
         results = list(pool.map(paths))

@@ -23,7 +23,7 @@ from dicom_factory import shared_png, shared_png_paths, write_dicom
 from heartbatch import cli
 from heartbatch.confidence import CONTENT_REASON, Policy, Prediction, box_problems, ctr_uncertainty
 from heartbatch.model import BoxModel
-from heartbatch.summary import read_report
+from heartbatch.report.summary import read_report
 
 
 def _stored(name: str) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
@@ -198,7 +199,11 @@ def test_dx_for_presentation_is_accepted(tmp_path, small8):
 @pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
 @pytest.mark.parametrize("body_part", ["CHEST", "THORAX", "chest"])
 def test_chest_body_parts_are_accepted(tmp_path, small8, body_part):
-    read_dicom(write_dicom(tmp_path / "c.dcm", small8, body_part=body_part))
+    path = write_dicom(tmp_path / "c.dcm", small8, body_part=body_part)
+    assert pydicom.dcmread(path, stop_before_pixels=True).BodyPartExamined == body_part  # the case is in the file
+    dicom = read_dicom(path)  # a file that is not the chest raises Skipped (test_other_body_part_is_skipped)
+    assert (dicom.header.modality, dicom.header.view_position) == ("CR", "PA")
+    np.testing.assert_array_equal(dicom.image, small8.astype(np.float32))
 
 
 def test_text_file_is_not_a_dicom_file(tmp_path):

@@ -17,17 +17,10 @@ import highdicom as hd
 
 from dicom_factory import write_dicom
 from heartbatch import cli
-from heartbatch import dicom_results as dr
-from test_resume import Processes, check_report, count_complete_rows, hb, output, quiet_json, thumbnail, write_chests
+from heartbatch import results as dr
+from helpers import check_report, count_complete_rows, hb, output, quiet_json, thumbnail, wait_until, write_chests
 
 SR, PR, SC = "sr", "pr", "sc"
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    yield p
-    p.cleanup()
 
 
 def run(capsys, *args) -> tuple[int, dict, str]:
@@ -175,11 +168,9 @@ def test_kill_9_then_restart_leaves_exactly_one_result_set_per_ok_row(tmp_path, 
                  "--batch-size", "4", "--dicom-out", results, "--quiet")
     for round_ in range(2):
         proc = procs.start(command, f"killed{round_}")
-        deadline = time.monotonic() + 120
         start_rows = count_complete_rows(out)
-        while count_complete_rows(out) < start_rows + 8 and proc.poll() is None:
-            assert time.monotonic() < deadline, output(proc)
-            time.sleep(0.01)
+        wait_until(lambda: count_complete_rows(out) >= start_rows + 8, timeout=120, interval=0.01,
+                   message=f"8 new rows in round {round_} (then the kill)", proc=proc)
         assert proc.poll() is None, f"finished before the kill:\n{output(proc)}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -205,33 +196,51 @@ def test_watch_writes_results_into_the_watched_folder_without_reading_them(tmp_p
     results = incoming / "results"
     options = RunOptions(workers=0, threads=1, dicom_out=dr.ResultOptions(results))
     built: list[Watcher] = []
+    # no grace for failing files: a result read as a film (an SR or presentation state has no pixel
+    # data) gets its skipped row at once instead of being looked at again for 30 s as a copy in progress
+    watch_options = WatchOptions(settle=0.2, incomplete_grace=0.0)
 
     def watch() -> None:  # the ledger's SQLite connection belongs to the thread that opens it
-        built.append(Watcher([incoming], out, BoxModel(intensity_model), options, WatchOptions(settle=0.2)))
+        built.append(Watcher([incoming], out, BoxModel(intensity_model), options, watch_options))
         built[0].run(install_signal_handlers=False)
 
     thread = threading.Thread(target=watch)
     thread.start()
-    while not built:
-        assert thread.is_alive()
-        time.sleep(0.01)
-    watcher = built[0]
+
+    def alive() -> bool:
+        assert thread.is_alive(), "the watcher thread ended by itself"
+        return True
+
+    def has_row(path: Path) -> bool:
+        lines = out.read_text(encoding="utf-8").splitlines(keepends=True) if out.exists() else []
+        return any(line.startswith(f"{path},") and line.endswith("\n") for line in lines)
+
+    def built_watcher() -> Watcher | None:
+        if built:
+            return built[0]
+        alive()  # a Watcher that could not be built ends the thread
+        return None
+
+    watcher = wait_until(built_watcher, timeout=30, interval=0.01, message="the Watcher to be built")
+    films = [incoming / p.name for p in write_chests(tmp_path / "staging", chest_pngs, 3)]
     try:
-        write_chests(tmp_path / "staging", chest_pngs, 3)
-        for film in sorted((tmp_path / "staging").iterdir()):
-            film.rename(incoming / film.name)
-        deadline = time.monotonic() + 60
-        while watcher.processed < 3:
-            assert time.monotonic() < deadline and thread.is_alive(), "the watcher did not measure the films"
-            time.sleep(0.05)
-        rounds = watcher.rounds
-        while watcher.rounds < rounds + 5:  # rounds in which the results' events were seen
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.05)
+        for film in films:
+            (tmp_path / "staging" / film.name).rename(film)
+        wait_until(lambda: alive() and watcher.processed >= 3, timeout=60, message="the 3 films measured")
+        # Positive control: the films' results were written (into the watched folder) before their
+        # rows, so before this sentinel film; their events came first.  Once the round that measured
+        # the sentinel is over, the watcher has looked at the results, and measured them if it was
+        # going to (it takes in all events, then all files ready, in each round).
+        sentinel = write_chests(tmp_path / "staging", chest_pngs, 1, start=9, prefix="sentinel")[0]
+        sentinel = sentinel.rename(incoming / sentinel.name)
+        wait_until(lambda: alive() and has_row(sentinel), timeout=60, message=f"the row of {sentinel.name}")
+        seen_in = watcher.rounds  # the round that wrote the sentinel's row: this one or an earlier one
+        wait_until(lambda: alive() and watcher.rounds > seen_in, timeout=30,
+                   message=f"the end of the round that measured {sentinel.name}")
     finally:
         watcher.stop_requested.set()
         thread.join(30)
-    assert watcher.processed == 3
-    rows = check_report(out)
-    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert watcher.processed == 4, "a result file was read as a film"
+    rows = check_report(out, {str(p) for p in films + [sentinel]})
+    assert all(r["status"] == "ok" for r in rows)
     check_results(results, rows)

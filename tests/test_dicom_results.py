@@ -15,7 +15,7 @@ import pytest
 
 import highdicom as hd
 
-from heartbatch import dicom_results as dr
+from heartbatch import results as dr
 from heartbatch.api import predict
 from heartbatch.overlay import HEART, scale_box
 from heartbatch.records import ERROR, SKIPPED, Record

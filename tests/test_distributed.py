@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,9 @@ from heartbatch.distributed import (DistributedError, ModelRef, WorkerModelError
                                     worker_model)
 from heartbatch.model import BoxModel
 from heartbatch.pipeline import RunOptions, run as local_run
-from heartbatch.report import COLUMNS
+from heartbatch.report.schema import COLUMNS
 from heartbatch.scheduler import CRASH_REASON
+from helpers import wait_until
 
 try:
     import distributed
@@ -192,17 +192,12 @@ def test_killed_worker_each_file_exactly_once(tmp_path, data_dir, intensity_mode
         """On the first chunk back: SIGKILL a worker process that has tasks in flight."""
         if killed:
             return
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            busy = {w: keys for w, keys in client.processing().items() if keys}
-            if busy:
-                address, keys = next(iter(busy.items()))
-                pid = client.run(os.getpid, workers=[address])[address]
-                killed.update(address=address, pid=pid, keys=list(keys))
-                os.kill(pid, signal.SIGKILL)
-                return
-            time.sleep(0.02)
-        pytest.fail("no worker had a task in flight to kill")
+        busy = wait_until(lambda: {w: keys for w, keys in client.processing().items() if keys}, timeout=20,
+                          interval=0.02, message="a worker with a task in flight to kill")
+        address, keys = next(iter(busy.items()))
+        pid = client.run(os.getpid, workers=[address])[address]
+        killed.update(address=address, pid=pid, keys=list(keys))
+        os.kill(pid, signal.SIGKILL)
 
     result = local_run_dask(tmp_path / "studies", out, model, client, on_records=kill_a_busy_worker)
     assert killed, "the callback never ran"
@@ -354,7 +349,7 @@ def test_process_chunk_is_the_local_pipeline(tmp_path, data_dir, intensity_model
     records = process_chunk(items, ModelRef.of(model), RunOptions(threads=1, workers=4))
     assert sorted(r.path for r in records) == sorted(p for p, _ in items)
     local_run(["studies"], tmp_path / "plain.csv", model, RunOptions(workers=0, threads=1))
-    from heartbatch.report import format_rows
+    from heartbatch.report.table import format_rows
 
     chunk_rows = list(csv.DictReader([",".join(COLUMNS) + "\n"] + format_rows(records).splitlines(True)))
     assert_same_rows(read_rows(tmp_path / "plain.csv"), chunk_rows)

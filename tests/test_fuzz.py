@@ -36,7 +36,7 @@ from pydicom.uid import (ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lo
 
 from dicom_factory import make_nonsquare, shared_png, to_bits, write_dicom
 from heartbatch.records import Record
-from heartbatch.workers import DecodePool, Prepared, prepare
+from heartbatch.workers import WorkerPool, Prepared, prepare
 
 #: mutants make pydicom warn about everything they break: expected, not news
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -220,8 +220,9 @@ def target(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz") / "mutant.dcm"
 
 
-def check(strategy: str, path: Path, data: bytes) -> None:
-    """Write a mutant and read it: model input or a typed skipped/error record (prepare bounds the time)."""
+def check(strategy: str, path: Path, data: bytes) -> Prepared | Record:
+    """Write a mutant and read it: model input or a typed skipped/error record (prepare bounds the
+    time); returns what prepare() gave."""
     path.write_bytes(data)
     TRIED[strategy] += 1
     started = time.monotonic()
@@ -235,11 +236,12 @@ def check(strategy: str, path: Path, data: bytes) -> None:
         image = result.image
         assert image.shape == (SIZE, SIZE) and image.dtype == np.float32
         assert np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
-        return
+        return result
     assert isinstance(result, Record), type(result)
     assert result.status in ("skipped", "error"), result.status
     assert result.reason, "empty reason"
     assert not result.reason.startswith("unexpected"), f"untyped error: {result.reason}\n{result.detail}"
+    return result
 
 
 def fuzz_settings(examples: int):
@@ -309,7 +311,8 @@ def rle_panic_mutant(seeds) -> bytes:
 
 def test_decoder_panic_is_an_error_record(seeds, target):
     """A panic in a Rust decoder is one file's error, not the end of the run."""
-    check("known mutants", target, rle_panic_mutant(seeds))
+    result = check("known mutants", target, rle_panic_mutant(seeds))
+    assert isinstance(result, Record) and result.status == "error", result
 
 
 @pytest.mark.slow
@@ -334,7 +337,7 @@ def test_decoder_panic_in_a_run_costs_one_row(seeds, tmp_path, box8_model):
 
 
 def test_mutants_through_worker_processes(seeds, tmp_path):
-    """The same mutations through DecodePool: every mutant gets exactly one result.
+    """The same mutations through WorkerPool: every mutant gets exactly one result.
 
     The known panicking mutant is among them, so a worker-side BaseException is always exercised.
     """
@@ -361,8 +364,8 @@ def test_mutants_through_worker_processes(seeds, tmp_path):
         path = tmp_path / f"mutant{i:03d}.dcm"
         path.write_bytes(data)
         paths.append(str(path))
-    TRIED["through DecodePool"] += len(paths)
-    pool = DecodePool(workers=2, size=SIZE, timeout=TIMEOUT)
+    TRIED["through WorkerPool"] += len(paths)
+    pool = WorkerPool(workers=2, size=SIZE, timeout=TIMEOUT)
     try:
         results = list(pool.map(paths))
     finally:

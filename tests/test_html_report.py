@@ -27,7 +27,7 @@ from pydicom.uid import JPEGBaseline8Bit
 
 from dicom_factory import make_nonsquare, shared_png, write_dicom
 from heartbatch import cli
-from heartbatch.summary import read_report
+from heartbatch.report.summary import read_report
 
 THUMB = re.compile(r"<img src='data:image/jpeg;base64,([^']+)' alt='([^']*)'>")
 IMG = re.compile(r"<img\b[^>]*\bsrc=['\"]([^'\"]*)['\"]")
@@ -236,7 +236,7 @@ CONTENT_SKIP = "not a frontal chest radiograph by its content (score 0.04)"
 def reviewed(ran, data_dir):
     """The run's report with one measurement flagged for review and one film the content check
     refused (a real chest film turned on its side), as the content check and review rules write them."""
-    from heartbatch.report import COLUMNS
+    from heartbatch.report.schema import COLUMNS
 
     root, report, page = ran
     rows = read_report(report)
@@ -287,7 +287,7 @@ def test_review_queue_comes_first_flagged_rows_then_content_refusals(reviewed, t
 
 
 def test_review_queue_is_limited_with_a_count_of_the_rest(reviewed, tmp_path):
-    from heartbatch.html_report import write_html
+    from heartbatch.report.html import write_html
 
     report, flagged, turned = reviewed
     text = write_html(report, tmp_path / "short.html", queue_limit=1).read_text(encoding="utf-8")

@@ -1,7 +1,12 @@
 """`heartbatch listen` (issue 18) against real DICOM peers: dcmtk's echoscu and storescu send films,
 an Orthanc server (a real PACS, see tests/pacs.py) sends films and receives the results through
 ``--send-to``. The listener runs as the real command in a subprocess, killed with SIGKILL in the
-crash test."""
+crash test.
+
+As in test_watch.py, no test sleeps and then asserts that nothing happened.  "An instance sent
+again is not measured again" is asserted after a positive event (:func:`prove_handled`: sentinel
+films sent after it have their rows), on the ledger's commit sequence numbers; "nothing more
+reaches the PACS" once the ledger's outbox is empty (nothing left to send)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
@@ -19,20 +23,13 @@ import pytest
 import highdicom as hd
 
 from dicom_factory import write_dicom
-from heartbatch import dicom_results as dr
-from heartbatch.session import ReportFiles
+from heartbatch import results as dr
+from heartbatch.report.paths import ReportFiles
+from helpers import Processes, check_report, count_complete_rows, hb, output, thumbnail, wait_until, write_chests
 from pacs import Orthanc, dsrdump, echoscu, skip_or_fail_without, storescu
-from test_resume import Processes, check_report, hb, output, thumbnail, write_chests
 
 AET = "HEARTBATCH"
 LOOPBACK = "127.0.0.1"
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    yield p
-    p.cleanup()
 
 
 @pytest.fixture
@@ -47,25 +44,51 @@ def start_listen(procs: Processes, out: Path, *extra, name: str = "listen") -> t
     skip_or_fail_without("storescu", "echoscu")
     proc = procs.start(hb("listen", "--port", "0", "--host", LOOPBACK, "--ae-title", AET, "--out", out,
                           "--threads", "1", "--quiet", *extra), name)
-    deadline = time.monotonic() + 90
-    while True:
-        for line in output(proc).splitlines():
-            if line.startswith('{"listening"'):
-                return proc, json.loads(line)["listening"]["port"]
-        assert proc.poll() is None, f"listen exited with {proc.returncode}:\n{output(proc)}"
-        assert time.monotonic() < deadline, f"listen did not start within 90 s:\n{output(proc)}"
-        time.sleep(0.05)
+
+    def listening_port() -> int | None:
+        for line in output(proc).splitlines(keepends=True):
+            if line.startswith('{"listening"') and line.endswith("\n"):
+                return json.loads(line)["listening"]["port"]
+        return None
+
+    return proc, wait_until(listening_port, timeout=90, message="listen to start listening", proc=proc)
 
 
 def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = check_report(out) if out.exists() else []
-        if len(rows) >= n:
-            return rows
-        assert proc.poll() is None, f"listen exited:\n{output(proc)}"
-        assert time.monotonic() < deadline, f"{len(rows)} rows after {timeout} s, expected {n}:\n{output(proc)}"
-        time.sleep(0.05)
+    """Until the report has ``n`` rows (checked by check_report); returns them."""
+    def rows() -> list[dict] | None:
+        found = check_report(out) if out.exists() else []
+        return found if len(found) >= n else None
+
+    return wait_until(rows, timeout=timeout, message=lambda: f"{n} rows (the report has {count_complete_rows(out)})",
+                      proc=proc)
+
+
+def ledger_seqs(out: Path) -> dict[str, int]:
+    """Path -> sequence number of the ledger commit that wrote its row: a file measured again gets a
+    new one."""
+    db = sqlite3.connect(ReportFiles.of(out).state_dir / "ledger.sqlite")
+    try:
+        return dict(db.execute("SELECT path, seq FROM files"))
+    finally:
+        db.close()
+
+
+def prove_handled(out: Path, port: int, proc: subprocess.Popen, folder: Path, chest_pngs: list[Path]) -> list[dict]:
+    """Positive control for "the listener did nothing more with what it had received": two sentinel
+    films, the second sent once the first has its row.  A film is handed to the listener's watcher
+    before its C-STORE is acknowledged, so everything acknowledged before the first sentinel was
+    taken in no later than the round that measured that sentinel (a round takes in every event, then
+    measures every file ready).  The second sentinel can only be taken in by a later round, so once
+    it has its row, that round is over.  Returns the sentinels' rows."""
+    rows = []
+    for i in range(2):
+        film = write_chests(folder, chest_pngs, 1, start=900 + i, prefix="sentinel")[0]
+        uid = pydicom.dcmread(film, stop_before_pixels=True).SOPInstanceUID
+        storescu(film, AET, LOOPBACK, port)
+        rows.append(wait_until(lambda: by_sop(check_report(out)).get(uid), timeout=120,
+                               message=f"the row of {film.name}", proc=proc))
+    return rows
 
 
 def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
@@ -128,10 +151,18 @@ def test_films_sent_by_storescu_get_one_row_each_and_their_results_reach_orthanc
     received = ReportFiles.of(out).state_dir / "received"
     assert sorted(p.name for p in received.iterdir()) == sorted(f"{uid}.dcm" for uid in expected)
 
-    # the same films again, as a PACS retrying would: acknowledged, not measured twice
-    storescu(folder, AET, LOOPBACK, port)
-    time.sleep(1.0)
-    assert len(check_report(out)) == len(expected)
+    # the same films again, as a PACS retrying would: acknowledged, not stored or measured twice
+    def files_stored() -> dict[str, tuple[int, int]]:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in received.iterdir()}
+
+    stored, measured = files_stored(), ledger_seqs(out)
+    storescu(folder, AET, LOOPBACK, port)  # returns once every instance is acknowledged
+    assert files_stored() == stored, "an instance sent again was written again"  # decided before the answer
+    sentinels = prove_handled(out, port, proc, tmp_path / "sentinels", chest_pngs)
+    assert {path: seq for path, seq in ledger_seqs(out).items() if path in measured} == measured, \
+        "an instance sent again was measured again"
+    rows = by_sop(check_report(out))
+    assert set(rows) == set(expected) | {r["sop_instance_uid"] for r in sentinels}
 
     # the SRs and presentation states reach Orthanc, each once, and say what the CSV says
     ok = [r for r in rows.values() if r["status"] == "ok"]
@@ -217,22 +248,24 @@ def test_results_wait_in_the_ledger_while_the_pacs_is_down(tmp_path, procs, ches
         films = write_chests(tmp_path / "films", chest_pngs, 2)
         storescu(films, AET, LOOPBACK, port)
         rows = wait_rows(out, 2, proc)
-        deadline = time.monotonic() + 30
-        while not all(attempts > 0 for *_, attempts, _ in outbox(out)) or len(outbox(out)) < 4:
-            assert time.monotonic() < deadline, outbox(out)
-            time.sleep(0.1)
-        assert all("could not connect" in error for *_, error in outbox(out))
+
+        def all_tried() -> list[tuple] | None:
+            queued = outbox(out)
+            return queued if len(queued) >= 4 and all(attempts > 0 for *_, attempts, _ in queued) else None
+
+        queued = wait_until(all_tried, timeout=30, interval=0.1, proc=proc,
+                            message=lambda: f"4 results queued, each tried once (the outbox: {outbox(out)})")
+        assert all("could not connect" in error for *_, error in queued)
         assert stop(proc) == 0
         assert len(outbox(out)) == 4, "kept for later"
 
         pacs.start(keep_ports=True)
         proc, port = start_listen(procs, out, "--workers", "0", "--send-to", destination, name="restart")
         pacs.wait_for_count(4, timeout=90)
+        # once the outbox is empty, nothing more can reach the PACS: what it holds is final
+        wait_until(lambda: not outbox(out), timeout=60, interval=0.1, proc=proc,
+                   message=lambda: f"an empty outbox (still queued: {outbox(out)})")
         assert sorted(pacs.sop_instance_uids()) == sorted(result_uids(rows))
-        deadline = time.monotonic() + 30
-        while outbox(out):
-            assert time.monotonic() < deadline, outbox(out)
-            time.sleep(0.1)
         assert stop(proc) == 0
     finally:
         pacs.stop()
@@ -253,10 +286,8 @@ def test_kill_9_mid_transfer_then_restart_measures_and_delivers_each_instance_on
     received = ReportFiles.of(out).state_dir / "received"
     sender = subprocess.Popen(["storescu", "-aet", "WARD", "-aec", AET, "-nh", LOOPBACK, str(port),
                                *map(str, films)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while len(list(received.glob("*.dcm"))) < 10:
-        assert time.monotonic() < deadline and proc.poll() is None, output(proc)
-        time.sleep(0.005)
+    wait_until(lambda: len(list(received.glob("*.dcm"))) >= 10, timeout=60, interval=0.005,
+               message="10 films stored (then the kill)", proc=proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     procs.kill_group(proc)
@@ -274,14 +305,21 @@ def test_kill_9_mid_transfer_then_restart_measures_and_delivers_each_instance_on
     storescu(films, AET, LOOPBACK, port, calling_aet="WARD")  # the ward's retry: everything again
     rows = wait_rows(out, len(films), proc, timeout=180)
     assert set(by_sop(rows)) == uids
+    # whatever the retry made the listener do (measure, queue results) is done once the sentinels
+    # have their rows (this retry negotiates another transfer syntax than the first send, so the
+    # instances stored before the kill arrive as other bytes and are measured again, by design)
+    sentinels = prove_handled(out, port, proc, tmp_path / "sentinels", chest_pngs)
+    rows = check_report(out)
+    assert set(by_sop(rows)) == uids | {r["sop_instance_uid"] for r in sentinels}
     wanted = result_uids(rows)
-    assert len(wanted) == 2 * len(films)
-    pacs.wait_for_count(len(wanted), timeout=120)
-    time.sleep(1.0)
+    assert len(wanted) == 2 * len(rows)
+    # once the outbox is empty, nothing more can reach Orthanc: what it holds is final
+    wait_until(lambda: not outbox(out), timeout=120, interval=0.1, proc=proc,
+               message=lambda: f"an empty outbox (still queued: {len(outbox(out))})")
     in_pacs = pacs.sop_instance_uids()
     assert len(in_pacs) == len(set(in_pacs)) and set(in_pacs) == wanted
     assert stop(proc) == 0
-    assert len(check_report(out)) == len(films)
+    assert len(check_report(out)) == len(films) + len(sentinels)
 
 
 def test_twenty_instances_sent_twice_by_a_python_client_give_twenty_rows_and_captures_reach_storescp(
@@ -312,10 +350,8 @@ def test_twenty_instances_sent_twice_by_a_python_client_give_twenty_rows_and_cap
         rows = wait_rows(out, 20, proc)
         assert {r["sop_instance_uid"] for r in rows} == {ds.SOPInstanceUID for ds in datasets}
         assert all(r["status"] == "ok" for r in rows)
-        deadline = time.monotonic() + 90
-        while len(scp.files()) < 40:
-            assert time.monotonic() < deadline, f"{len(scp.files())} files at storescp\n{output(proc)}"
-            time.sleep(0.1)
+        wait_until(lambda: len(scp.files()) >= 40, timeout=90, interval=0.1, proc=proc,
+                   message=lambda: f"40 results at storescp (it has {len(scp.files())})")
         got = {}
         for path in scp.files():
             ds = pydicom.dcmread(path)
@@ -341,9 +377,7 @@ def test_watch_sends_its_results_too(tmp_path, procs, chest_pngs, intensity_mode
         for film in films:
             film.rename(incoming / film.name)
         rows = wait_rows(out, 2, proc)
-        deadline = time.monotonic() + 60
-        while len(scp.files()) < 4:
-            assert time.monotonic() < deadline, f"{len(scp.files())} files at storescp\n{output(proc)}"
-            time.sleep(0.1)
+        wait_until(lambda: len(scp.files()) >= 4, timeout=60, interval=0.1, proc=proc,
+                   message=lambda: f"4 results at storescp (it has {len(scp.files())})")
         assert {pydicom.dcmread(p).SOPInstanceUID for p in scp.files()} == result_uids(rows)
         assert stop(proc) == 0, output(proc)

@@ -15,8 +15,9 @@ from dicom_factory import brightness_image, write_dicom
 from heartbatch import cli
 from heartbatch.dicom import DicomHeader
 from heartbatch.records import OK, SKIPPED, Record
-from heartbatch.report import COLUMNS, PATIENT_COLUMNS, columns, format_rows
-from heartbatch.session import ReportFiles
+from heartbatch.report.schema import COLUMNS, PATIENT_COLUMNS, columns
+from heartbatch.report.table import format_rows
+from heartbatch.report.paths import ReportFiles
 
 NEW = ["chest_score", "uncertainty", "review", "review_reason"]
 #: The report columns before the content check and the review flag.

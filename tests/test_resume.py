@@ -8,30 +8,25 @@ group started here is killed in teardown.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from PIL import Image
 
 from dicom_factory import truncate, write_dicom
 from heartbatch import cli
-from heartbatch.ledger import Ledger
-from heartbatch.report import COLUMNS
-from heartbatch.session import ReportFiles
+from heartbatch.report.ledger import Ledger
+from heartbatch.report.paths import ReportFiles
+from helpers import (body_lines, check_report, check_summary_agrees, count_complete_rows, hb, output, quiet_json,
+                     session_members, thumbnail, wait_until, write_chests)
 
-REPO = Path(__file__).resolve().parents[1]
 #: Override to replay another sequence of kill moments: HEARTBATCH_CRASH_SEED=123 pytest ...
 CRASH_SEED = int(os.environ.get("HEARTBATCH_CRASH_SEED", "20240115"))
 MIN_KILLS = 5
@@ -40,122 +35,7 @@ MIN_KILLS = 5
 MIN_ROW_KILLS = 2
 
 
-# --- helpers -------------------------------------------------------------------
-
-def thumbnail(png: Path, size: int = 128) -> np.ndarray:
-    """A real chest X-ray, downsized so hundreds of files stay cheap to decode."""
-    with Image.open(png) as im:
-        return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def write_chests(folder: Path, pngs: list[Path], count: int, start: int = 0, size: int = 128,
-                 prefix: str = "cxr") -> list[Path]:
-    """``count`` real frontal chest DICOMs (uncompressed), one study each."""
-    paths = []
-    for i in range(start, start + count):
-        paths.append(write_dicom(folder / f"{prefix}_{i:04d}.dcm", thumbnail(pngs[i % len(pngs)], size),
-                                 patient_id=f"HB-{i:04d}", accession=f"ACC{i:04d}"))
-    return paths
-
-
-def hb_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def hb(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "heartbatch", *(str(a) for a in args)]
-
-
-class Processes:
-    """Processes started by a test; each in its own session so that its whole
-    group (decode workers, forkserver) can be killed in teardown."""
-
-    def __init__(self, tmp_path: Path):
-        self.tmp_path = tmp_path
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, args: list[str], name: str) -> subprocess.Popen:
-        log = open(self.tmp_path / f"{name}.{len(self.started)}.log", "wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=hb_env(), cwd=REPO, start_new_session=True)
-        log.close()
-        proc.log = Path(log.name)  # type: ignore[attr-defined]
-        self.started.append(proc)
-        return proc
-
-    def run(self, args: list[str], name: str, timeout: float = 120) -> tuple[int, str]:
-        """Run to completion (bounded); returns (exit code, output)."""
-        proc = self.start(args, name)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_group(proc)
-            pytest.fail(f"{' '.join(args)} did not finish within {timeout} s:\n{output(proc)}")
-        self.kill_group(proc)
-        return proc.returncode, output(proc)
-
-    @staticmethod
-    def kill_group(proc: subprocess.Popen) -> None:
-        """Kill the process, then whatever it left behind in its session (forkserver, decode
-        workers, even in a process group of their own)."""
-        if proc.poll() is None:
-            proc.kill()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in session_members(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def cleanup(self) -> None:
-        for proc in self.started:
-            self.kill_group(proc)
-
-
-def session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid`` (Linux /proc; empty elsewhere)."""
-    members = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            if os.getsid(int(entry)) != sid:
-                continue
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                state = fh.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != b"Z":
-            members.append(int(entry))
-    return members
-
-
-def output(proc: subprocess.Popen) -> str:
-    return proc.log.read_text(errors="replace")  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    yield p
-    p.cleanup()
-
-
-def quiet_json(text: str) -> dict:
-    lines = [line for line in text.splitlines() if line.startswith("{")]
-    assert lines, f"no JSON line in the output:\n{text}"
-    return json.loads(lines[-1])
-
+# --- helpers (the shared ones are in helpers.py; `procs` is a fixture of conftest.py) -------
 
 def run_inprocess(capsys, inputs, out: Path, model: Path, *extra) -> tuple[int, dict]:
     """`heartbatch run --quiet` in this process, no worker processes."""
@@ -165,42 +45,6 @@ def run_inprocess(capsys, inputs, out: Path, model: Path, *extra) -> tuple[int, 
                      "--quiet", *[str(e) for e in extra]])
     captured = capsys.readouterr()
     return code, (quiet_json(captured.out) if code in (0, 4) else {"stderr": captured.err})
-
-
-def body_lines(report: Path) -> list[str]:
-    """Data lines as written (with their newline; a last line without one is partial)."""
-    text = report.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    assert lines and lines[0] == ",".join(COLUMNS) + "\n", f"bad header in {report}: {lines[:1]}"
-    return lines[1:]
-
-
-def check_report(report: Path, expected_paths: set[str] | None = None) -> list[dict[str, str]]:
-    """Every row complete, well formed and alone for its file; returns the rows."""
-    lines = body_lines(report)
-    for line in lines:
-        assert line.endswith("\n"), f"partial line in {report}: {line!r}"
-        fields = next(csv.reader(io.StringIO(line)))
-        assert len(fields) == len(COLUMNS), f"row with {len(fields)} fields: {line!r}"
-        assert fields[1] in ("ok", "skipped", "error"), line
-    rows = [dict(zip(COLUMNS, next(csv.reader(io.StringIO(line))))) for line in lines]
-    paths = [r["path"] for r in rows]
-    duplicates = sorted({p for p in paths if paths.count(p) > 1})
-    assert not duplicates, f"files with more than one row: {duplicates}"
-    if expected_paths is not None:
-        missing, unexpected = sorted(expected_paths - set(paths)), sorted(set(paths) - expected_paths)
-        assert not missing and not unexpected, f"missing: {missing[:5]}, unexpected: {unexpected[:5]}"
-    return rows
-
-
-def check_summary_agrees(report: Path) -> dict:
-    rows = check_report(report)
-    summary = json.loads(ReportFiles.of(report).summary_json.read_text())
-    assert summary["files"]["total"] == len(rows)
-    assert summary["files"]["by_status"] == {s: sum(r["status"] == s for r in rows)
-                                             for s in ("ok", "skipped", "error")}
-    assert summary["ctr"]["n"] == sum(r["status"] == "ok" and r["ctr"] != "" for r in rows)
-    return summary
 
 
 def ledger_count(report: Path) -> int:
@@ -215,12 +59,13 @@ def ledger_count(report: Path) -> int:
         db.close()
 
 
-def count_complete_rows(report: Path) -> int:
+def pause_unless_exited(proc: subprocess.Popen, until: float) -> None:
+    """Let ``proc`` run until the moment ``until`` (time.monotonic()) or its exit, whichever comes
+    first: a chosen moment to act at, not a wait for an event (nothing is asserted after it)."""
     try:
-        data = report.read_bytes()
-    except FileNotFoundError:
-        return 0
-    return max(data.count(b"\n") - 1, 0)
+        proc.wait(timeout=max(until - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:
+        pass
 
 
 # --- re-runs -------------------------------------------------------------------
@@ -390,11 +235,8 @@ def test_run_is_refused_while_watch_writes_the_same_report(chest_dir, intensity_
     out = tmp_path / "report.csv"
     watcher = procs.start(hb("watch", chest_dir, "--out", out, "--model", intensity_model, "--workers", "0",
                              "--threads", "1", "--settle", "0.2", "--incomplete-grace", "0.5", "--quiet"), "watch")
-    deadline = time.monotonic() + 90
-    while count_complete_rows(out) < 13:  # catch-up done: the lock is certainly held
-        assert watcher.poll() is None, f"watch exited early:\n{output(watcher)}"
-        assert time.monotonic() < deadline, f"watch did not catch up within 90 s:\n{output(watcher)}"
-        time.sleep(0.05)
+    # catch-up done: the lock is certainly held
+    wait_until(lambda: count_complete_rows(out) >= 13, timeout=90, message="watch's 13 catch-up rows", proc=watcher)
     report_bytes = out.read_bytes()
     code, text = procs.run(hb("run", chest_dir, "--out", out, "--model", intensity_model, "--workers", "0",
                               "--quiet", "--force"), "run", timeout=60)  # the watcher holds the lock throughout
@@ -420,20 +262,24 @@ def test_kill_9_leaves_no_decode_workers_behind(tmp_path, chest_pngs, box8_model
     out = tmp_path / "report.csv"
     proc = procs.start(hb("run", folder, "--out", out, "--model", box8_model, "--workers", "2", "--threads", "1",
                           "--batch-size", "4", "--quiet"), "run")
-    deadline = time.monotonic() + 120
-    while count_complete_rows(out) < 8:
-        assert proc.poll() is None, f"the run ended before it could be killed:\n{output(proc)}"
-        assert time.monotonic() < deadline, "no rows within 120 s"
-        time.sleep(0.01)
+    # (proc=: the run ending before it could be killed fails the test)
+    wait_until(lambda: count_complete_rows(out) >= 8, timeout=120, interval=0.01, message="8 rows", proc=proc)
     assert len(session_members(proc.pid)) >= 3, "expected the run, a forkserver and decode workers"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 15
-    while session_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
-            for pid in session_members(proc.pid)]
-    assert not left, f"{len(left)} processes still running 15 s after kill -9 of the run: {left}"
+
+    def left() -> list[str]:
+        commands = []
+        for pid in session_members(proc.pid):
+            try:
+                commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                                .decode(errors="replace")[:120])
+            except OSError:  # it has just gone
+                pass
+        return commands
+
+    wait_until(lambda: not left(), timeout=15, interval=0.2,
+               message=lambda: f"the run's processes to end after its kill -9; still running: {left()}")
 
 
 @pytest.mark.slow
@@ -494,19 +340,13 @@ def test_kill_9_at_random_moments_then_restart_gives_exactly_the_uninterrupted_r
         t0 = time.monotonic()
         if not mid_write:  # a random moment after start, up to about this run's typical length
             how = "delay"
-            until = t0 + rng.uniform(0.2, startup + 0.8 * remaining * work)
-            while time.monotonic() < until and proc.poll() is None:
-                time.sleep(0.005)
+            pause_unless_exited(proc, t0 + rng.uniform(0.2, startup + 0.8 * remaining * work))
         else:              # a random moment after this process was seen writing a row
             how = "rows"
             pause = rng.uniform(0.0, 0.1)
-            deadline = t0 + 120
-            while count_complete_rows(out) <= rows_at_start and proc.poll() is None:
-                assert time.monotonic() < deadline, f"no progress within 120 s:\n{output(proc)}"
-                time.sleep(0.005)
-            until = time.monotonic() + pause
-            while time.monotonic() < until and proc.poll() is None:
-                time.sleep(0.005)
+            wait_until(lambda: count_complete_rows(out) > rows_at_start or proc.poll() is not None, timeout=120,
+                       interval=0.005, message=lambda: f"a new row from round {rounds}:\n{output(proc)}")
+            pause_unless_exited(proc, time.monotonic() + pause)
         landed = False
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)  # kill -9 of the command, as a user or the OOM killer does

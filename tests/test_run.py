@@ -471,13 +471,14 @@ def test_workers_start_early_only_when_they_will_be_used(tmp_path, monkeypatch, 
     """A folder starts the worker forkserver before the model loads; a single file, a few
     files, or --workers 0 run in the main process and start nothing."""
     import heartbatch.worker_context as wc
+    from heartbatch.cli.common import start_workers_early
 
     calls = []
     monkeypatch.setattr(wc, "start_early", lambda: calls.append(True))
-    cli._start_workers_early([str(siim_dicom)], None)
-    cli._start_workers_early([str(siim_dicom)] * wc.INLINE_MAX_FILES, None)
-    cli._start_workers_early([str(tmp_path)], 0)
+    start_workers_early([str(siim_dicom)], None)
+    start_workers_early([str(siim_dicom)] * wc.INLINE_MAX_FILES, None)
+    start_workers_early([str(tmp_path)], 0)
     assert calls == []
-    cli._start_workers_early([str(tmp_path)], None)
-    cli._start_workers_early([str(siim_dicom)] * (wc.INLINE_MAX_FILES + 1), 2)
+    start_workers_early([str(tmp_path)], None)
+    start_workers_early([str(siim_dicom)] * (wc.INLINE_MAX_FILES + 1), 2)
     assert calls == [True, True]

@@ -1,4 +1,4 @@
-"""The --send-to outbox (heartbatch.send): what a destination's answers do to the queue. The peer is a
+"""The --send-to outbox (heartbatch.network.send): what a destination's answers do to the queue. The peer is a
 real pynetdicom Storage SCP in this process, scripted to refuse, then accept."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from heartbatch import send
+from heartbatch.network import send
 from heartbatch.errors import UsageError
-from heartbatch.ledger import Entry, Fingerprint, Ledger, Results
+from heartbatch.report.ledger import Entry, Fingerprint, Ledger, Results
+from helpers import wait_until
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -69,7 +70,7 @@ def _queue(state: Path, files: list[Path], destination: str) -> None:
 
 
 def test_a_refusal_is_retried_and_success_empties_the_queue(tmp_path, monkeypatch, siim_dicom):
-    from heartbatch import dicom_results as dr
+    from heartbatch import results as dr
     from heartbatch.api import predict
 
     record = predict(siim_dicom)
@@ -81,10 +82,8 @@ def test_a_refusal_is_retried_and_success_empties_the_queue(tmp_path, monkeypatc
         monkeypatch.setattr(send, "FIRST_RETRY", 0.2)
         sender = send.Sender(tmp_path / "state", scp.destination).start()
         try:
-            deadline = time.monotonic() + 30
-            while sender.outbox.pending():
-                assert time.monotonic() < deadline, sender.outbox.pending()
-                time.sleep(0.05)
+            wait_until(lambda: not sender.outbox.pending(), timeout=30,
+                       message=lambda: f"an empty outbox; still pending: {sender.outbox.pending()}")
         finally:
             sender.stop()
         assert sorted(scp.stored) == sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)

@@ -19,7 +19,7 @@ from heartbatch.explain import blend, occlusion_map
 from heartbatch.model import BoxModel
 from heartbatch.overlay import HEART, THORAX
 from heartbatch.pixels import preprocess
-from heartbatch.summary import read_report
+from heartbatch.report.summary import read_report
 
 
 def _bbox(img: np.ndarray, colour) -> tuple[int, int, int, int]:
@@ -194,9 +194,9 @@ def test_marks_from_a_report_row_read_the_review_columns():
 
 def test_show_prints_and_draws_the_review(siim_dicom, intensity_model, tmp_path, capsys, monkeypatch):
     """What the content check and review rules put on the record is printed and drawn."""
-    import heartbatch.records as records
+    import heartbatch.workers as workers  # show measures through the pipeline's own step
 
-    measure = records.measure
+    measure = workers.measure
 
     def reviewed(*args, **kwargs):
         record = measure(*args, **kwargs)
@@ -209,7 +209,7 @@ def test_show_prints_and_draws_the_review(siim_dicom, intensity_model, tmp_path,
     plain = json.loads(capsys.readouterr().out)
     assert (plain["chest_score"], plain["uncertainty"]) == (None, None), "a model without the optional outputs"
     assert plain["review"] == bool(plain["review_reason"]), "only the box rules can flag it"
-    monkeypatch.setattr(records, "measure", reviewed)
+    monkeypatch.setattr(workers, "measure", reviewed)
     assert cli.main(["show", str(siim_dicom), "--out", str(tmp_path / "review.png"), *common]) == 0
     captured = capsys.readouterr()
     printed = json.loads(captured.out)

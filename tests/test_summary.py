@@ -280,7 +280,7 @@ FLAG_REASONS = {"low confidence": 2, "implausible boxes: heart wider than thorax
 @pytest.fixture(scope="module")
 def reviewed(run, tmp_path_factory):
     """The run's report with three ok rows flagged for review (and scores on every ok row)."""
-    from heartbatch.summary import write_summaries
+    from heartbatch.report.summary import write_summaries
 
     frame = run["frame"].copy()
     names = frame["path"].map(lambda p: Path(p).name)

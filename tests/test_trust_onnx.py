@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from dicom_factory import shared_png
-from exporter import trust
+from exporter import surgery, trust
 from heartbatch import contract as C
 from heartbatch.model import BoxModel, default_model_path
 from heartbatch.pixels import preprocess
@@ -33,9 +33,9 @@ def _films(data_dir, n: int = 3) -> np.ndarray:
 
 
 def test_without_trust_is_the_box_network(shipped, data_dir):
-    bare = trust.without_trust(shipped)
+    bare = surgery.without_trust(shipped)
     assert [o.name for o in bare.graph.output] == [C.OUTPUT_NAME]
-    assert not any(n.name.startswith(trust.PREFIX) for n in bare.graph.node)
+    assert not any(n.name.startswith(surgery.PREFIX) for n in bare.graph.node)
     films = _films(data_dir)
     np.testing.assert_array_equal(_run(bare, films, [C.OUTPUT_NAME])[0], _run(shipped, films, [C.OUTPUT_NAME])[0])
 
@@ -43,8 +43,8 @@ def test_without_trust_is_the_box_network(shipped, data_dir):
 def test_uncertainty_is_the_spread_of_each_heatmap(shipped, data_dir):
     """The added output equals the standard deviation of each soft-argmax distribution, computed
     here with numpy from the softmax itself."""
-    model = trust.add_uncertainty(trust.with_features(shipped), factor=2.0)
-    softmax = trust._softmax(model.graph).output[0]
+    model = surgery.add_uncertainty(surgery.with_features(shipped), factor=2.0)
+    softmax = surgery._softmax(model.graph).output[0]
     model.graph.output.append(helper.make_tensor_value_info(softmax, TensorProto.FLOAT, None))
     boxes, sd, prob = _run(model, _films(data_dir), [C.OUTPUT_NAME, "uncertainty", softmax])
     side = 224 // 8
@@ -59,9 +59,9 @@ def test_uncertainty_is_the_spread_of_each_heatmap(shipped, data_dir):
 
 
 def test_features_are_the_pooled_stages(shipped, data_dir):
-    model = trust.with_features(shipped)
+    model = surgery.with_features(shipped)
     films = _films(data_dir)
-    features = _run(model, films, [trust.FEATURES])[0]
+    features = _run(model, films, [surgery.FEATURES])[0]
     assert features.shape == (len(films), 512 + 128 * 16 + 256)
     thumbs = films.reshape(len(films), 16, 14, 16, 14).mean(axis=(2, 4)).reshape(len(films), -1)
     np.testing.assert_allclose(features[:, -256:], thumbs, atol=1e-5)
@@ -104,8 +104,8 @@ def test_trust_onnx_end_to_end(shipped, data_dir, tmp_path, capsys):
 
 
 def test_a_graph_with_two_networks_is_refused(shipped, tmp_path):
-    doubled = trust.without_trust(shipped)
+    doubled = surgery.without_trust(shipped)
     extra = helper.make_node("Softmax", [C.OUTPUT_NAME], ["second"], name="another_softmax")
     doubled.graph.node.append(extra)
-    with pytest.raises(trust.SurgeryError, match="one soft-argmax"):
-        trust.with_features(doubled)
+    with pytest.raises(surgery.SurgeryError, match="one soft-argmax"):
+        surgery.with_features(doubled)

@@ -38,10 +38,10 @@ from heartbatch import cli
 from heartbatch.model import BoxModel
 from heartbatch.pipeline import RunOptions
 from heartbatch.records import Record
-from heartbatch.session import ReportFiles
+from heartbatch.report.paths import ReportFiles
 from heartbatch.watch import WatchOptions, Watcher
-from test_resume import (Processes, body_lines, check_report, check_summary_agrees, count_complete_rows, hb,
-                         output, thumbnail, write_chests)
+from helpers import (Processes, body_lines, check_report, check_summary_agrees, count_complete_rows, hb, output,
+                     thumbnail, wait_until, write_chests)
 
 
 # --- helpers -------------------------------------------------------------------
@@ -101,13 +101,15 @@ class ThreadWatcher:
         assert self.thread.is_alive(), "the watcher thread ended by itself"
 
     def wait(self, condition, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
+        """Until ``condition()`` is true; the watcher failing or ending first fails the test."""
+        def met() -> bool:
+            if condition():
+                return True
             self.alive()
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout} s waiting for {what}; report has "
-                            f"{count_complete_rows(self.out)} rows")
-            time.sleep(0.02)
+            return False
+
+        wait_until(met, timeout=timeout, interval=0.02,
+                   message=lambda: f"{what} (the report has {count_complete_rows(self.out)} rows)")
 
     def wait_rows(self, count: int, timeout: float = 30.0) -> None:
         self.wait(lambda: count_complete_rows(self.out) >= count, f"{count} rows", timeout)
@@ -158,13 +160,6 @@ def start_watcher():
     for w in started:
         w.request_stop()
         w.thread.join(30)
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path)
-    yield p
-    p.cleanup()
 
 
 def ledger_rows(report: Path) -> list[str]:
@@ -227,17 +222,6 @@ def writer_finished_at(proc: subprocess.Popen, timeout: float = 60) -> float:
     return float(re.search(r"^done (\S+)", text, re.M).group(1))
 
 
-def wait_for(condition, what: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the watcher exited ({proc.returncode}) while waiting for {what}:\n{output(proc)}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}"
-                        + (f":\n{output(proc)[-3000:]}" if proc is not None else ""))
-        time.sleep(0.02)
-
-
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, group: bool = False,
                  timeout: float = 30) -> int:
     (os.killpg if group else os.kill)(proc.pid, sig)
@@ -264,7 +248,8 @@ def prove_looked_proc(proc: subprocess.Popen, out: Path, folder: Path, pngs: lis
     sentinels = []
     for i in range(2):
         sentinels += tiny_dicoms(folder, pngs, 1, start=90000 + i, prefix="sentinel")
-        wait_for(lambda: has_row(sentinels[-1]), f"the row of {sentinels[-1].name}", timeout, proc)
+        wait_until(lambda: has_row(sentinels[-1]), timeout=timeout, message=f"the row of {sentinels[-1].name}",
+                   proc=proc)
     return sentinels
 
 
@@ -428,7 +413,8 @@ def test_copy_in_progress_when_watch_starts_is_caught_up_once_complete(tmp_path,
     size = big_chest.stat().st_size
     target = watched / "copying.dcm"
     writer = start_writer(procs, big_chest, target, [(size // 3, 1.5), (2 * size // 3, 1.5), (size, 0.0)])
-    wait_for(lambda: target.exists() and target.stat().st_size > 0, "the copy to start", 30)
+    wait_until(lambda: target.exists() and target.stat().st_size > 0, timeout=30, message="the copy to start",
+               proc=writer)
     out = tmp_path / "report.csv"
     w = start_watcher([watched], out, intensity_model, settle=0.5)
     done = writer_finished_at(writer)
@@ -512,7 +498,8 @@ def test_burst_of_1000_files_each_processed_once_in_batches(tmp_path, chest_pngs
     out = tmp_path / "report.csv"
     watcher = procs.start(watch_cmd([watched], out, box8_model, "--workers", "2", "--batch-size", "16",
                                     "--settle", "0.5"), "watch")
-    wait_for(lambda: count_complete_rows(out) >= 1, "the catch-up row (watcher ready)", 60, watcher)
+    wait_until(lambda: count_complete_rows(out) >= 1, timeout=60, message="the catch-up row (watcher ready)",
+               proc=watcher)
 
     copier = procs.start([sys.executable, "-c",
                           "import shutil, sys, os\n"
@@ -520,9 +507,11 @@ def test_burst_of_1000_files_each_processed_once_in_batches(tmp_path, chest_pngs
                           "    shutil.copyfile(os.path.join(sys.argv[1], name), os.path.join(sys.argv[2], name))\n",
                           str(staging), str(watched)], "copier")
     expected = {str(p) for p in seed} | {str(watched / p.name) for p in burst}
-    wait_for(lambda: count_complete_rows(out) >= len(expected), f"{len(expected)} rows", 240, watcher)
+    wait_until(lambda: count_complete_rows(out) >= len(expected), timeout=240, message=f"{len(expected)} rows",
+               proc=watcher)
     assert copier.wait(timeout=60) == 0, output(copier)
-    wait_for(lambda: summary_total(out) == len(expected), "summaries refreshed after the last batch", 30, watcher)
+    wait_until(lambda: summary_total(out) == len(expected), timeout=30,
+               message="summaries refreshed after the last batch", proc=watcher)
     expected |= {str(p) for p in prove_looked_proc(watcher, out, watched, chest_pngs)}  # nothing comes back
     rows = check_report(out, expected)
     assert {r["status"] for r in rows} == {"ok"}
@@ -573,7 +562,7 @@ def test_signal_during_a_batch_stops_cleanly_and_a_restart_continues(tmp_path, j
     command = watch_cmd([watched], out, box8_model, "--workers", "2", "--batch-size", "8", "--settle", "0.3")
 
     first = procs.start(command, "watch1")
-    wait_for(lambda: count_complete_rows(out) >= 8, "the first batch", 60, first)
+    wait_until(lambda: count_complete_rows(out) >= 8, timeout=60, message="the first batch", proc=first)
     assert stop_process(first, sig, group) == 0, output(first)[-3000:]
     rows = check_report(out)  # complete rows, none twice
     assert {r["path"] for r in rows} <= expected
@@ -583,8 +572,8 @@ def test_signal_during_a_batch_stops_cleanly_and_a_restart_continues(tmp_path, j
     first_session = out.read_bytes()
 
     second = procs.start(command, "watch2")
-    wait_for(lambda: count_complete_rows(out) >= len(expected), f"{len(expected)} rows after the restart", 120,
-             second)
+    wait_until(lambda: count_complete_rows(out) >= len(expected), timeout=120,
+               message=f"{len(expected)} rows after the restart", proc=second)
     expected |= {str(p) for p in prove_looked_proc(second, out, watched, chest_pngs)}  # nothing measured twice
     assert stop_process(second) == 0, output(second)[-3000:]
     check_report(out, expected)
@@ -601,12 +590,12 @@ def test_polling_observer_sees_new_and_renamed_files(tmp_path, chest_pngs, inten
     out = tmp_path / "report.csv"
     proc = procs.start(watch_cmd([watched], out, intensity_model, "--workers", "0", "--polling", "--settle", "0.3",
                                  "--quiet"), "watch")
-    wait_for(lambda: count_complete_rows(out) >= 1, "the catch-up row", 60, proc)
+    wait_until(lambda: count_complete_rows(out) >= 1, timeout=60, message="the catch-up row", proc=proc)
     written = write_chests(watched, chest_pngs, 1, start=5, prefix="new")
     renamed = write_dicom(tmp_path / "elsewhere" / "moved.dcm", thumbnail(chest_pngs[6]))
     os.rename(renamed, watched / "moved.dcm")
     expected = {str(p) for p in seed + written} | {str(watched / "moved.dcm")}
-    wait_for(lambda: count_complete_rows(out) >= 3, "rows for the polled files", 30, proc)
+    wait_until(lambda: count_complete_rows(out) >= 3, timeout=30, message="rows for the polled files", proc=proc)
     expected |= {str(p) for p in prove_looked_proc(proc, out, watched, chest_pngs)}  # nothing measured twice
     assert stop_process(proc) == 0
     check_report(out, expected)

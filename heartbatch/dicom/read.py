@@ -11,7 +11,6 @@ decide by.  pydicom's warnings (which quote raw values) never reach stderr.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import stat
 import warnings
@@ -25,72 +24,20 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 
 from .. import sanitize
 from ..errors import ReadError, Skipped
 from .decode import decode
+from .header import DicomHeader, header_of
 from .select import check_candidate
-from .values import cell, integer, text
 
 _PYDICOM_LOG = logging.getLogger("pydicom")
-
-
-@dataclass(frozen=True)
-class DicomHeader:
-    """The header fields the report needs; patient identifiers only travel here."""
-    sop_instance_uid: str = ""
-    study_instance_uid: str = ""
-    series_instance_uid: str = ""
-    study_date: str = ""
-    modality: str = ""
-    view_position: str = ""
-    rows: int = 0
-    columns: int = 0
-    pixel_spacing_mm: tuple[float, float] | None = None  # (row, column) spacing
-    patient_id: str = ""
-    accession_number: str = ""
 
 
 @dataclass
 class DicomImage:
     header: DicomHeader
     image: np.ndarray  # display-oriented float32, rows x columns (or rows/k x columns/k, see read_dicom)
-
-
-def pixel_spacing(ds: Dataset, keywords: tuple[str, ...] = ("PixelSpacing", "ImagerPixelSpacing")
-                  ) -> tuple[float, float] | None:
-    """PixelSpacing, else ImagerPixelSpacing (the first of ``keywords`` present and valid), row then
-    column, in mm; None when absent, zero or malformed."""
-    for keyword in keywords:
-        try:
-            value = ds.get(keyword)
-            if value is None:
-                continue
-            values = [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
-        except Exception:  # noqa: BLE001 - malformed strings such as "abc"
-            continue
-        if len(values) == 1:
-            values = values * 2
-        if len(values) >= 2 and all(math.isfinite(v) and v > 0 for v in values[:2]):
-            return values[0], values[1]
-    return None
-
-
-def _header(ds: Dataset) -> DicomHeader:
-    return DicomHeader(
-        sop_instance_uid=cell(ds, "SOPInstanceUID"),
-        study_instance_uid=cell(ds, "StudyInstanceUID"),
-        series_instance_uid=cell(ds, "SeriesInstanceUID"),
-        study_date=cell(ds, "StudyDate"),
-        modality=cell(ds, "Modality"),
-        view_position=cell(ds, "ViewPosition"),
-        rows=integer(ds, "Rows"),
-        columns=integer(ds, "Columns"),
-        pixel_spacing_mm=pixel_spacing(ds),
-        patient_id=sanitize.patient_cell("PatientID", text(ds, "PatientID")),
-        accession_number=sanitize.patient_cell("AccessionNumber", text(ds, "AccessionNumber")),
-    )
 
 
 def _looks_like_raw_dataset(path: Path) -> bool:
@@ -216,7 +163,7 @@ def read_header(path: str | Path) -> tuple[Dataset, DicomHeader]:
     path = Path(path)
     with _quiet():
         ds = _open(path)
-        header = _header(ds)
+        header = header_of(ds)
         try:
             check_candidate(ds, header)
         except Skipped as exc:

@@ -9,16 +9,16 @@ through :mod:`heartbatch.sanitize`.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+from pydicom.uid import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                         DigitalXRayImageStorageForProcessing, MediaStorageDirectoryStorage,
+                         SecondaryCaptureImageStorage)
 
 from .. import sanitize
 from ..errors import Skipped
+from .header import DicomHeader
 from .values import integer, named, shown, text, uid_name
-
-if TYPE_CHECKING:
-    from .read import DicomHeader
 
 MAX_PIXELS = 20000 * 20000
 MIN_SIDE = 64
@@ -26,12 +26,12 @@ MIN_SIDE = 64
 # SOP classes of projection radiographs (CR, DX for presentation/processing)
 # and of secondary captures, which we accept when nothing says otherwise.
 CR_DX_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1",        # CR Image Storage
-    "1.2.840.10008.5.1.4.1.1.1.1",      # Digital X-Ray, For Presentation
-    "1.2.840.10008.5.1.4.1.1.1.1.1",    # Digital X-Ray, For Processing
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
 }
-SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+SECONDARY_CAPTURE_PREFIX = SecondaryCaptureImageStorage  # a prefix: the multi-frame SCs are under it
+DICOMDIR_SOP_CLASS = MediaStorageDirectoryStorage
 PROJECTION_MODALITIES = {"CR", "DX"}
 SC_MODALITIES = {"", "OT", "SC", "CR", "DX"}
 CHEST_WORDS = ("CHEST", "THORAX", "THORAC", "TORAX", "LUNG", "HEART", "CARDIAC", "THX", "CXR")

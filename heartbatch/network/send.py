@@ -1,18 +1,19 @@
 """``--send-to AET@HOST:PORT``: DICOM results delivered by C-STORE from the ledger's outbox.
 
 A row's result files are queued in the same transaction that commits the row (see
-:mod:`heartbatch.ledger`), so a result is queued exactly when its row exists. The :class:`Sender`
+:mod:`heartbatch.report.ledger`), so a result is queued exactly when its row exists. The :class:`Sender`
 thread sends what is due in one association, removes what the destination acknowledged, and puts
 back what failed with a growing delay (2 s, 4 s, ... up to 5 minutes), so a PACS that is down or
 slow loses nothing and is not flooded. Killed after the destination acknowledged a file but before
 the queue forgot it, the file is sent again on restart: its SOP Instance UID is the same (see
-:func:`heartbatch.dicom_results.result_uid`), so the PACS files it once.
+:func:`heartbatch.results.uids.result_uid`), so the PACS files it once.
 
 pynetdicom is imported here only, when something is sent.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -20,14 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
-from .ledger import Outbox, Queued
+from ..errors import UsageError
+from ..report.ledger import Outbox, Queued
 
 log = logging.getLogger("heartbatch")
 
-#: C-STORE statuses that mean the destination has the instance: success and the warnings
-#: "coercion of data elements", "elements discarded", "data set does not match SOP class".
-STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 FIRST_RETRY = 2.0      # seconds after the first failure
 LAST_RETRY = 300.0     # the longest wait between tries
 PER_ASSOCIATION = 64   # files sent in one association
@@ -55,6 +53,20 @@ class Destination:
 def retry_delay(attempts: int) -> float:
     """Seconds to wait after the ``attempts``-th failure (1, 2, ...)."""
     return min(LAST_RETRY, FIRST_RETRY * 2 ** max(0, attempts - 1))
+
+
+@functools.cache
+def stored_statuses() -> frozenset[int]:
+    """C-STORE statuses that mean the destination has the instance: Success, and the Warnings of
+    the Storage Service Class itself (PS3.4 B.2.3: coercion of data elements, element discarded,
+    data set does not match SOP class: 0xB000, 0xB006, 0xB007), which store it all the same. The
+    general Warnings pynetdicom lists beside them (0x0107, 0x0116) answer the N- services, not a
+    C-STORE; any other answer puts the file back, to be tried again."""
+    from pynetdicom.status import GENERAL_STATUS, STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
+
+    storage_only = STORAGE_SERVICE_CLASS_STATUS.keys() - GENERAL_STATUS.keys()
+    return frozenset(code for code, (category, _) in STORAGE_SERVICE_CLASS_STATUS.items()
+                     if category == STATUS_SUCCESS or (category == STATUS_WARNING and code in storage_only))
 
 
 class Sender:
@@ -143,7 +155,7 @@ class Sender:
                     self._failed(item, f"{self.destination}: {exc}")
                     continue
                 code = getattr(status, "Status", None)
-                if code in STORED:
+                if code in stored_statuses():
                     self.outbox.sent(item.file)
                     self.sent += 1
                 elif code is None:

@@ -2,8 +2,7 @@
 
 `run`, `watch` and the Dask runner write a report the same way: open its ledger (the state
 folder), skip files whose row is current, append new rows, then settle the CSV and write the
-summaries. `ReportFiles` names every file that belongs to a report, so scans leave them out and
-no command rebuilds a name.
+summaries. :class:`~heartbatch.report.paths.ReportFiles` names the files that belong to a report.
 """
 
 from __future__ import annotations
@@ -14,49 +13,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Status
-from .files import remove_leftovers
+from ..errors import Status
+from ..files import remove_leftovers
+from .paths import ReportFiles
 
 log = logging.getLogger("heartbatch")
-
-
-@dataclass(frozen=True)
-class ReportFiles:
-    """``report.csv`` and what heartbatch keeps next to it: ``report.summary.json``,
-    ``report.summary.md``, ``report.debug.log`` (with --debug) and ``report.csv.state/`` (the
-    ledger; another folder with --state)."""
-
-    report: Path
-    state_dir: Path
-    dicom_out: Path | None = None   # --dicom-out: the DICOM results folder
-
-    @classmethod
-    def of(cls, report: Path, state_dir: Path | None = None, dicom_out: Path | None = None) -> "ReportFiles":
-        report = Path(report)
-        return cls(report, Path(state_dir) if state_dir else report.with_name(report.name + ".state"),
-                   Path(dicom_out) if dicom_out else None)
-
-    @property
-    def _stem(self) -> Path:
-        return self.report.with_suffix("") if self.report.suffix else self.report
-
-    @property
-    def summary_json(self) -> Path:
-        return Path(f"{self._stem}.summary.json")
-
-    @property
-    def summary_md(self) -> Path:
-        return Path(f"{self._stem}.summary.md")
-
-    @property
-    def debug_log(self) -> Path:
-        return Path(f"{self._stem}.debug.log")
-
-    @property
-    def outputs(self) -> list[Path]:
-        """Everything a run writes, so that scanning a folder that holds the report skips them."""
-        extra = [self.dicom_out] if self.dicom_out else []
-        return [self.report, self.summary_json, self.summary_md, self.debug_log, self.state_dir, *extra]
 
 
 @dataclass
@@ -88,7 +49,8 @@ class ReportSession:
     def __init__(self, out: Path, model, options, state_dir: Path | None = None, force: bool = False,
                  send_to: str | None = None):
         from .ledger import Ledger
-        from .report import Report, columns
+        from .schema import columns
+        from .table import Report
 
         dicom_out = options.dicom_out
         self.files = ReportFiles.of(out, state_dir, dicom_out.out_dir if dicom_out else None)
@@ -130,7 +92,7 @@ class ReportSession:
         """The files under ``paths`` that need a row; counts the others as unchanged. With
         ``on_total`` (a progress bar), the folders are scanned first and it gets the file count;
         otherwise files stream from the scan as it finds them."""
-        from .scan import scan
+        from ..scan import scan
 
         found = scan(paths, exclude=self.files.outputs)
         if on_total is not None:

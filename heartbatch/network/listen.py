@@ -12,7 +12,7 @@ pipeline, report and ledger as `watch`. So
 * an instance that cannot be measured gets its skipped or error row like any file.
 
 With ``--send-to``, the rows' DICOM results (``--dicom-out``, by default ``<state>/results``) go
-back by C-STORE from the ledger's outbox (:mod:`heartbatch.send`).
+back by C-STORE from the ledger's outbox (:mod:`heartbatch.network.send`).
 
 pynetdicom is imported only here (``pip install 'heartbatch[dicom]'``).
 """
@@ -27,25 +27,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import UsageError
-from .files import remove_leftovers, write_atomic
-from .pipeline import RunOptions
-from .records import Record
+from pydicom.uid import (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                         DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage)
+
+from ..errors import UsageError
+from ..files import remove_leftovers, write_atomic
+from ..pipeline import RunOptions
+from ..records import Record
+from ..report.paths import ReportFiles
+from ..watch import WatchOptions, Watcher
 from .send import Destination, Sender
-from .session import ReportFiles
-from .watch import WatchOptions, Watcher
 
 log = logging.getLogger("heartbatch")
 
 #: What `listen` accepts: projection radiographs and secondary captures. Anything else is refused
 #: at association (no presentation context), so the sender knows at once.
 ACCEPTED = {
-    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image (for presentation)",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image (for processing)",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
+    ComputedRadiographyImageStorage: "Computed Radiography Image",
+    DigitalXRayImageStorageForPresentation: "Digital X-Ray Image (for presentation)",
+    DigitalXRayImageStorageForProcessing: "Digital X-Ray Image (for processing)",
+    SecondaryCaptureImageStorage: "Secondary Capture Image",
 }
-VERIFICATION = "1.2.840.10008.1.1"
+#: The answers the SCP gives (PS3.4 B.2.3; pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS lists
+#: them): success (to a C-ECHO too), "Refused: Out of Resources", "Cannot Understand".
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
@@ -75,7 +79,7 @@ class Listener:
                  on_records: Callable[[list[Record]], None] | None = None,
                  on_stored: Callable[[Path, str, bool], None] | None = None):
         """``on_stored(path, calling_aet, duplicate)`` is told of each instance acknowledged."""
-        from .dicom_results import ResultOptions
+        from ..results import ResultOptions
 
         self.listen = listen or ListenOptions()
         files = ReportFiles.of(out, state_dir)
@@ -101,11 +105,12 @@ class Listener:
     # -- the SCP -------------------------------------------------------------
     def _ae(self):
         from pynetdicom import ALL_TRANSFER_SYNTAXES, AE
+        from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.listen.ae_title)
         for sop_class in ACCEPTED:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(VERIFICATION)
+        ae.add_supported_context(Verification)
         ae.require_called_aet = True
         if self.listen.allow:
             ae.require_calling_aet = list(self.listen.allow)

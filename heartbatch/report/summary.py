@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import Status
-from .files import write_atomic
-from .session import ReportFiles
+from ..errors import Status
+from ..files import write_atomic
+from .paths import ReportFiles
 
 VIEW_ORDER = {"PA": 0, "AP": 1}  # PA preferred: AP magnifies the heart
 HISTOGRAM_EDGES = [round(0.05 * i, 2) for i in range(21)]

@@ -1,6 +1,6 @@
 """The HTML QA report: one self-contained file (images embedded) to look at a run.
 
-Built from the report CSV alone, through :func:`heartbatch.summary.summarize`
+Built from the report CSV alone, through :func:`heartbatch.report.summary.summarize`
 (the same numbers as ``report.summary.json``): first the review queue (every
 measurement flagged for review and every film the content check refused, with
 a thumbnail: what a person has to look at), then the batch summary, the CTR
@@ -23,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import Status
-from .files import write_atomic
-from .session import ReportFiles
+from .. import __version__
+from ..confidence import is_content_reason
+from ..errors import Status
+from ..files import write_atomic
+from .paths import ReportFiles
 from .summary import flagged as review_flagged, read_report, summarize
 
 SAMPLE = 12        # thumbnails of studies below the threshold
 THUMB_SIDE = 320   # longer side of a thumbnail, pixels
 QUEUE = 50         # thumbnails in the review queue; the rest are counted
-CONTENT_CHECK = "not a frontal chest radiograph by its content"
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1d2430;background:#fff}
@@ -164,8 +164,8 @@ def _locate(path: str, report: Path) -> Path | None:
 
 def _thumbnail(row: dict, report: Path, threshold: float) -> tuple[str | None, str]:
     """(data URI, '') or (None, why there is no picture)."""
-    from .dicom import ReadError, Skipped
-    from .overlay import Marks, encode, render
+    from ..dicom import ReadError, Skipped
+    from ..overlay import Marks, encode, render
 
     path = _locate(row["path"], report)
     if path is None:
@@ -201,7 +201,7 @@ def _figure(item: dict, row: dict, uri: str | None, why: str, anchor: str) -> st
 
 def refused_by_content(row: dict) -> bool:
     """A file the content check skipped: its header passed, so its picture shows why."""
-    return row["status"] == Status.SKIPPED and bool(row.get("chest_score") or row["reason"].startswith(CONTENT_CHECK))
+    return row["status"] == Status.SKIPPED and bool(row.get("chest_score") or is_content_reason(row["reason"]))
 
 
 def _review_queue(queue: list[dict], report: Path, threshold: float, anchors: dict, limit: int) -> str:

@@ -11,23 +11,12 @@ import io
 import os
 from pathlib import Path
 
-from .files import replacing
+from ..files import replacing
+from ..records import Record
 from .ledger import Entry, Results, key_of
-from .records import Record
+from .schema import columns
 
-COLUMNS = [
-    "path", "status", "reason", "sop_instance_uid", "study_instance_uid", "series_instance_uid",
-    "study_date", "modality", "view_position", "rows", "columns", "pixel_spacing_mm",
-    "heart_x0", "heart_y0", "heart_x1", "heart_y1", "thorax_x0", "thorax_y0", "thorax_x1", "thorax_y1",
-    "ctr", "heart_width_mm", "thoracic_width_mm", "enlarged", "model_id",
-    "chest_score", "uncertainty", "review", "review_reason",
-]
-PATIENT_COLUMNS = ["patient_id", "accession_number"]
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
-def columns(include_patient_id: bool = False) -> list[str]:
-    return COLUMNS + (PATIENT_COLUMNS if include_patient_id else [])
 
 
 def safe_text(value: str) -> str:

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LedgerError
+from ..errors import LedgerError
+from .schema import COLUMNS
 
 SCHEMA_VERSION = "1"
 STALE = "stale: written by an earlier heartbatch"  # a settings value no run has: the file is re-measured
@@ -53,8 +54,6 @@ class Fingerprint:
 
 def _upgradable(old: list[str], new: list[str]) -> bool:
     """``new`` is ``old`` with report columns added (in place, order kept), nothing removed."""
-    from .report import COLUMNS
-
     return [c for c in new if c in old] == old and all(c in COLUMNS for c in new if c not in old)
 
 
