@@ -29,7 +29,7 @@ from _common import DATA, REPO, SYNTAXES, chest_dicom, print_machine  # noqa: E4
 from heartbatch.dicom import read_dicom  # noqa: E402
 from heartbatch.images import load_image  # noqa: E402
 from heartbatch.labels import load_labels, read_split  # noqa: E402
-from heartbatch.metrics import box_metrics  # noqa: E402
+from heartbatch.metrics import box_metrics, ctrs  # noqa: E402
 from heartbatch.model import BoxModel  # noqa: E402
 from heartbatch.pixels import preprocess  # noqa: E402
 
@@ -51,10 +51,6 @@ def predict(model: BoxModel, images) -> np.ndarray:
     size = model.info.input_size
     return np.concatenate([model.predict(np.stack([preprocess(im, size) for im in images[i:i + 16]]))
                            for i in range(0, len(images), 16)])
-
-
-def ctr(boxes: np.ndarray) -> np.ndarray:
-    return (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 6] - boxes[:, 4])
 
 
 def main() -> int:
@@ -99,11 +95,11 @@ def main() -> int:
               f"{m['ctr_mae']:>8.4f} {m['ctr_agreement']['accuracy']:>6.3f}")
     full, reduced = preds["dicom, full decode"], preds["dicom, reduced decode"]
     box_move = np.abs(full - reduced).max(axis=1) * size
-    ctr_move = np.abs(ctr(full) - ctr(reduced))
+    ctr_move = np.abs(ctrs(full) - ctrs(reduced))
     print(f"full -> reduced, per film: largest box coordinate move median {np.median(box_move):.2f} px "
           f"(max {box_move.max():.2f}) at {size}; CTR move median {np.median(ctr_move):.4f} (max {ctr_move.max():.4f})")
     png = preds["png (training's input)"]
-    png_full = np.abs(ctr(png) - ctr(full))
+    png_full = np.abs(ctrs(png) - ctrs(full))
     print(f"for scale: png -> full decode CTR move median {np.median(png_full):.4f} (max {png_full.max():.4f})")
     if args.json:
         args.json.write_text(json.dumps({"syntax": args.syntax, "side": args.side, "model": model.info.model_id,

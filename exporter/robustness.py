@@ -30,6 +30,7 @@ import torch
 from heartbatch.confidence import Policy
 from heartbatch.dicom import DicomHeader
 from heartbatch.labels import LabelError, SplitError, load_labels, read_split
+from heartbatch.metrics import ctrs
 from heartbatch.model import BoxModel, ContractError
 from heartbatch.records import measure
 
@@ -39,11 +40,6 @@ from .datasets import build_dataset
 from .ward import patient_split, read_ward
 
 SETS = ("clean", *sorted(corrupt.WARD), "ward_mix")
-
-
-def ctrs(boxes: np.ndarray) -> np.ndarray:
-    """Heart width / thorax width of ``[N, 8]`` normalized boxes."""
-    return (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 6] - boxes[:, 4])
 
 
 def corrupted(images: np.ndarray, masks: np.ndarray, keys: list[str], kind: str, seed: int):

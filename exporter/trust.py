@@ -64,12 +64,12 @@ def main(argv=None) -> int:
     from heartbatch import contract as C
     from heartbatch.images import load_image
     from heartbatch.labels import LabelError, SplitError, load_labels, read_split
+    from heartbatch.metrics import ctrs
     from heartbatch.pixels import preprocess
 
     from . import content, probe
     from .onnxfile import save
     from .props import metadata, set_metadata
-    from .robustness import ctrs
     from .saturation import SaturationError, refuse_saturating
     from .ward import patient_split, read_ward
 
@@ -190,7 +190,9 @@ def choose_review_cut(session, films, keys, by_key, size, factor, seed, max_flag
     from heartbatch import contract as C
 
     from .datasets import build_dataset
-    from .robustness import SETS, corrupted, ctrs
+    from heartbatch.metrics import ctrs
+
+    from .robustness import SETS, corrupted
 
     data = build_dataset([by_key[k] for k in keys], size)
     images, masks = data.images[:, 0].numpy(), data.masks.numpy()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 
-
 def predict_items(model, items, batch_size: int = 16):
     import numpy as np
 

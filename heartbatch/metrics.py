@@ -16,7 +16,8 @@ from .geometry import box_iou
 REFERENCE_SIZE = 224
 
 
-def _ctr(boxes: np.ndarray) -> np.ndarray:
+def ctrs(boxes: np.ndarray) -> np.ndarray:
+    """Heart width / thorax width of ``[N, 8]`` normalized boxes (NaN where the thorax has no width)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 6] - boxes[:, 4])
 
@@ -62,7 +63,7 @@ def box_metrics(pred: np.ndarray, true: np.ndarray, threshold: float = 0.5,
         return result
     has_thorax = np.isfinite(true[:, 4:8]).all(axis=1)
     thorax_iou = box_iou(pred[has_thorax, 4:8], true[has_thorax, 4:8])
-    pred_ctr, true_ctr = _ctr(pred), _ctr(true)
+    pred_ctr, true_ctr = ctrs(pred), ctrs(true)
     result.update({
         "thorax_n": int(has_thorax.sum()),
         "thorax_iou_mean": _mean(thorax_iou),

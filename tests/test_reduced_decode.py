@@ -197,6 +197,8 @@ def test_block_mean_rounds_exactly_in_the_stored_type():
     assert block_mean(signed, 2).tolist() == [[-3]] and block_mean(signed, 2).dtype == np.int16  # -2.75 -> -3
     extreme = np.full((16, 16), 65535, np.uint16)
     assert block_mean(extreme, 16).tolist() == [[65535]]  # no overflow in the sum
+    floats = np.array([[0.5, 1.0], [1.5, 2.25]], np.float32)  # Float Pixel Data: a mean, not rounded
+    assert block_mean(floats, 2).tolist() == [[1.3125]] and block_mean(floats, 2).dtype == np.float32
 
 
 # --- lossless JPEG by libjpeg-turbo, JPEG-LS by CharLS -------------------------------------

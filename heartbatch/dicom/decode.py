@@ -49,7 +49,6 @@ from .values import integer, transfer_syntax, uid_name
 # JPEG Baseline several times faster than pylibjpeg; lossless JPEG libjpeg-turbo 36, pylibjpeg 200;
 # JPEG-LS CharLS (pyjpegls) 55, pylibjpeg 190; RLE pylibjpeg-rle 30, pydicom 380; JPEG 2000 lossless
 # pylibjpeg 300, Pillow 370.  Then pydicom tries every installed plugin.
-JPEG_BASELINE = JPEGBaseline8Bit
 JPEG_2000 = (JPEG2000Lossless, JPEG2000)
 DECODER_PREFERENCE = {
     JPEGBaseline8Bit: ("pillow", "pylibjpeg"),
@@ -141,7 +140,7 @@ def reduced_jpeg(ds: Dataset, min_side: int) -> np.ndarray | None:
     returns None and takes the full path, which also reports errors properly.
     """
     rows, columns = integer(ds, "Rows"), integer(ds, "Columns")
-    if (transfer_syntax(ds) != JPEG_BASELINE or integer(ds, "BitsAllocated") != 8
+    if (transfer_syntax(ds) != JPEGBaseline8Bit or integer(ds, "BitsAllocated") != 8
             or integer(ds, "PixelRepresentation") != 0):
         return None
     scale = reduction(rows, columns, min_side, DCT_SCALES)
