@@ -106,6 +106,18 @@ def ward_batch(images: torch.Tensor, masks: torch.Tensor, probability: float, rn
     return torch.from_numpy(np.stack(out_images)), torch.from_numpy(np.stack(out_masks))
 
 
+def consistency_views(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, rngs) -> tuple:
+    """Two views of unlabeled films ``[n, 1, S, S]`` with the same geometry: ``weak`` (the affine
+    alone) and ``strong`` (the same affine, then 1-3 ward corruptions that leave the anatomy where
+    it was, :data:`exporter.corrupt.SAME_BOXES`, and the photometry), so the boxes of the weak view
+    are the right answer for the strong one."""
+    theta = random_affine(len(images), cfg, gen)
+    weak, _ = warp(images, images[:, :0], theta)
+    strong = [corrupt.ward(image[0], None, rng, kinds=corrupt.SAME_BOXES)[0][None]
+              for image, rng in zip(weak.numpy(), rngs)]
+    return weak, photometric(torch.from_numpy(np.stack(strong).astype(np.float32)), cfg, gen)
+
+
 def augment_batch(images, masks, cfg: AugmentConfig, gen: torch.Generator, rngs=None):
     """Augmented images, their warped masks and the boxes of those masks.
 

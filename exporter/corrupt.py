@@ -26,7 +26,18 @@ ap_geometry    magnification 1.0-1.2 about the heart, rotation +-10 deg, lordoti
 collimation    dark or bright bands 3-12 % wide on 1-3 sides
 tight_crop     the bottom 8-20 % (costophrenic angles) and up to 8 % of each side
                cut off, the rest stretched back to S x S
+whiteout       one or both lungs opacified (pneumonia, ARDS, effusion): patchy
+               density +0.2-0.7 over the lung masks (two ellipses without masks),
+               heaviest at the bases, which hides the heart borders it touches
+sitting        a sitting or semi-erect film: the abdomen bright below the
+               diaphragm (+0.15-0.45 over the bottom 15-35 %), bases in its glare
+text           heavy burned-in annotation: 2-5 lines of text (12-22 px at 224),
+               labels on white boxes, side markers, anywhere at the edges
 =============  ==================================================================
+
+Geometric corruptions (they move the anatomy, so the masks move with the image):
+``ap_geometry`` and ``tight_crop``; the others leave every box where it was
+(:data:`SAME_BOXES`, the corruptions consistency training applies to unlabeled films).
 
 Wrong films (not measured): ``negative``, ``turned_90``, ``turned_270``,
 ``upside_down``, ``quarter_crop``, ``heavy_blur``, ``heavy_noise``,
@@ -38,7 +49,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from heartbatch.pixels import scale_to_unit
 
@@ -193,13 +204,76 @@ def tight_crop(image, masks, rng):
     return _rescale(image), masks
 
 
+def _lung_cover(masks, s: int) -> np.ndarray:
+    """Where the lungs are: the lung mask, or two ellipses where a film has no masks."""
+    if masks is not None and masks.shape[0] > 1 and masks[1].max() > 0:
+        return masks[1]
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    return np.clip(sum(1.0 - ((xx - cx) / 0.18) ** 2 - ((yy - 0.5) / 0.3) ** 2 > 0 for cx in (0.3, 0.7)), 0, 1)
+
+
+def _smooth_field(rng, s: int, cells: int) -> np.ndarray:
+    """A smooth random field in [0, 1]: coarse noise upsampled bilinearly."""
+    coarse = rng.uniform(0, 1, size=(cells, cells)).astype(np.float32)
+    return np.asarray(_pil(coarse).resize((s, s), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def whiteout(image, masks, rng):
+    s = image.shape[0]
+    lungs = _lung_cover(masks, s)
+    yy = np.mgrid[0:s, 0:s][0].astype(np.float32) / s
+    side = rng.choice(["left", "right", "both"])
+    keep = np.ones((s, s), np.float32)
+    if side != "both":  # the lung on one half of the film
+        xx = np.mgrid[0:s, 0:s][1].astype(np.float32) / s
+        keep = (xx < 0.5) if side == "left" else (xx >= 0.5)
+    grey = Image.fromarray(np.uint8(np.clip(lungs * keep, 0, 1) * 255))  # Pillow blurs 8-bit images only
+    cover = np.asarray(grey.filter(ImageFilter.GaussianBlur(rng.uniform(2, 6) * s / 224)), dtype=np.float32) / 255
+    patchy = 0.6 + 0.4 * _smooth_field(rng, s, int(rng.integers(3, 7)))
+    basal = np.clip(0.3 + yy * rng.uniform(0.8, 1.6), 0, 1.2)  # consolidation and effusion gather low
+    return _rescale(image + rng.uniform(0.35, 0.9) * cover * patchy * basal), masks
+
+
+def sitting(image, masks, rng):
+    s = image.shape[0]
+    yy = np.mgrid[0:s, 0:s][0].astype(np.float32) / s
+    top = 1.0 - rng.uniform(0.15, 0.35)
+    ramp = np.clip((yy - top) / rng.uniform(0.1, 0.25), 0, 1) ** 1.5
+    return _rescale(image + rng.uniform(0.15, 0.45) * ramp), masks
+
+
+TEXT_WORDS = ("PORTABLE", "AP", "SUPINE", "SEMI-ERECT", "ICU", "BED 12", "08:42", "L", "R", "CHEST",
+              "1 VIEW", "TECH JD", "65 kVp", "2.5 mAs", "MOBILE", "STAT", "UPRIGHT", "COVID")
+
+
+def text(image, masks, rng):
+    s = image.shape[0]
+    canvas = _pil(image)
+    draw = ImageDraw.Draw(canvas)
+    bright = float(np.percentile(image, 99.5)) + 0.3
+    for _ in range(rng.integers(2, 6)):
+        size = int(rng.uniform(12, 22) * s / 224)
+        font = ImageFont.load_default(size=size)
+        words = " ".join(rng.choice(TEXT_WORDS, size=int(rng.integers(1, 4))))
+        x = rng.choice([rng.uniform(0.01, 0.2), rng.uniform(0.55, 0.75)]) * s
+        y = rng.choice([rng.uniform(0.01, 0.12), rng.uniform(0.82, 0.93), rng.uniform(0.15, 0.8)]) * s
+        if rng.random() < 0.3:  # a label on a white box
+            left, top, right, bottom = draw.textbbox((x, y), words, font=font)
+            draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=bright)
+            draw.text((x, y), words, fill=0.0, font=font)
+        else:
+            draw.text((x, y), words, fill=bright, font=font)
+    return _rescale(np.asarray(canvas)), masks
+
+
 WARD = {f.__name__: f for f in (devices, haze, contrast, noise, resample, jpeg, grid, ap_geometry, collimation,
-                                tight_crop)}
+                                tight_crop, whiteout, sitting, text)}
+SAME_BOXES = tuple(name for name in WARD if name not in ("ap_geometry", "tight_crop"))
 
 
-def ward(image, masks, rng, n: int | None = None):
-    """``n`` (1-3 when None) ward corruptions in random order."""
-    names = rng.choice(sorted(WARD), size=n or int(rng.integers(1, 4)), replace=False)
+def ward(image, masks, rng, n: int | None = None, kinds=None):
+    """``n`` (1-3 when None) ward corruptions of ``kinds`` (every one when None) in random order."""
+    names = rng.choice(sorted(kinds or WARD), size=n or int(rng.integers(1, 4)), replace=False)
     for name in names:
         image, masks = WARD[name](image, masks, rng)
     return image, masks

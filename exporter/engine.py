@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from heartbatch.metrics import REFERENCE_SIZE, box_metrics
 
 from . import checkpoint, corrupt
-from .augment import AugmentConfig, augment_batch
+from .augment import AugmentConfig, augment_batch, consistency_views
 from .datasets import TensorDataset
 
 SMOOTH_L1_BETA_PX = 2.0
@@ -83,15 +83,59 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return sum(1 for s in range(0, n, batch_size) if n - s >= 2)
 
 
+@dataclass(frozen=True)
+class Unlabeled:
+    """Real films without labels (ward films) for consistency training: every step adds
+    ``per_step`` of them, and their boxes under ward corruptions are pulled towards the
+    network's own boxes on the same film uncorrupted (``weight`` x SmoothL1, 224-pixel units)."""
+
+    images: torch.Tensor  # [M, 1, S, S]
+    keys: list[str]
+    weight: float = 1.0
+    per_step: int = 4
+
+
+def unlabeled_batches(unlabeled: Unlabeled, steps: int, gen: torch.Generator):
+    """``steps`` index batches of ``per_step`` films, through the films in shuffled passes."""
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while len(order) < unlabeled.per_step:
+            order = torch.cat([order, torch.randperm(len(unlabeled.keys), generator=gen)])
+        yield order[:unlabeled.per_step]
+        order = order[unlabeled.per_step:]
+
+
+@torch.no_grad()
+def _targets(model, images: torch.Tensor) -> torch.Tensor:
+    """The network's boxes on the weak view, in eval mode: a target that moves with training but
+    takes no gradient (and leaves the BatchNorm statistics alone)."""
+    model.eval()
+    out = model(images)
+    model.train()
+    return out
+
+
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    diff = (pred - target) * REFERENCE_SIZE
+    return F.smooth_l1_loss(diff, torch.zeros_like(diff), beta=SMOOTH_L1_BETA_PX)
+
+
 def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch.Generator,
                     batch_size: int, device: torch.device, augment: AugmentConfig | None,
-                    on_step=None, iou_weight: float = 0.0, epoch: int = 0, seed: int = 0) -> dict:
+                    on_step=None, iou_weight: float = 0.0, epoch: int = 0, seed: int = 0,
+                    unlabeled: Unlabeled | None = None) -> dict:
     """One pass over ``data``; mean losses.  A batch whose loss is not finite raises
     :class:`NonFiniteLoss` before the optimizer or the scheduler steps on it.  With
     ``augment.ward`` > 0, each sample's ward corruptions come from a numpy generator
-    fixed by (``seed``, ``epoch``, its key): the same films every run, resumed or not."""
+    fixed by (``seed``, ``epoch``, its key): the same films every run, resumed or not.
+    With ``unlabeled`` films, each step also trains their corrupted views towards the
+    network's boxes on their plain views, in the same forward pass as the labeled batch (so
+    BatchNorm sees both kinds of film together)."""
     model.train()
     totals = {"loss": 0.0, "box": 0.0, "seg": 0.0}
+    if unlabeled is not None:
+        totals["consistency"] = 0.0
+        extra = unlabeled_batches(unlabeled, steps_per_epoch(len(data), batch_size), gen)
     steps = 0
     for idx in iterate_batches(len(data), batch_size, gen, shuffle=True):
         if len(idx) < 2:  # BatchNorm needs two samples
@@ -103,10 +147,21 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
             images, masks, warped = augment_batch(images, masks, augment, gen, rngs)
             boxes = torch.where(torch.isfinite(boxes), warped, boxes)
         images, masks, boxes = images.to(device), masks.to(device), boxes.to(device)
+        if unlabeled is not None:
+            films = next(extra)
+            rngs = [corrupt.seeded(seed, "consistency", epoch, unlabeled.keys[i]) for i in films.tolist()]
+            weak, strong = consistency_views(unlabeled.images[films], augment or AugmentConfig(), gen, rngs)
+            target = _targets(model, weak.to(device))
+            images = torch.cat([images, strong.to(device)])
         pred, seg_logits = model.forward_train(images)
-        lb = box_loss(pred, boxes, iou_weight)
-        ls = seg_loss(seg_logits, masks, data.real_masks[idx].to(device))
+        labeled = len(idx)
+        lb = box_loss(pred[:labeled], boxes, iou_weight)
+        ls = seg_loss(seg_logits[:labeled], masks, data.real_masks[idx].to(device))
         loss = lb + SEG_WEIGHT * ls
+        if unlabeled is not None:
+            lc = consistency_loss(pred[labeled:], target)
+            loss = loss + unlabeled.weight * lc
+            totals["consistency"] += lc.item()
         if not math.isfinite(loss.item()):
             # checked before any step: the weights, optimizer and schedule stay those of the last
             # good step (a NaN step would poison every weight and Adam's moments for good)
@@ -184,6 +239,7 @@ class Plan:
     seed: int = 0
     average_from: int = 0  # K > 0: from epoch K on, lr held at average_lr and the weights averaged
     average_lr: float = 1e-4
+    unlabeled: Unlabeled | None = None  # real films without labels, for consistency training
 
 
 @dataclass
@@ -235,7 +291,8 @@ def fit(run: Run, plan: Plan, train_data: TensorDataset, val_data: TensorDataset
                 f"epoch {epoch + 1:3d}  loss {losses['loss']:.3f}  heart IoU {metrics['heart_iou_mean']:.3f}"
                 f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
                 f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f}"
-                f"  agree {metrics.get('ctr_agreement', {}).get('accuracy', math.nan):.3f}")
+                f"  agree {metrics.get('ctr_agreement', {}).get('accuracy', math.nan):.3f}"
+                + (f"  ward consistency {losses['consistency']:.3f}" if "consistency" in losses else ""))
             run.last = checkpoint.epoch_state(run.model, config, epoch, metrics, min(run.best, current),
                                               run.optimizer, run.scheduler, run.averaged, run.gen, split,
                                               time.monotonic() - started)
@@ -259,7 +316,8 @@ def run_epoch(run: Run, plan: Plan, epoch: int, train_data: TensorDataset, val_d
     try:
         losses = train_one_epoch(run.model, train_data, run.optimizer, None if averaging else run.scheduler,
                                  run.gen, plan.batch_size, plan.device, plan.augment, on_step=on_step,
-                                 iou_weight=plan.iou_weight, epoch=epoch, seed=plan.seed)
+                                 iou_weight=plan.iou_weight, epoch=epoch, seed=plan.seed,
+                                 unlabeled=plan.unlabeled)
     except NonFiniteLoss as exc:
         exc.epoch, exc.averaging = epoch, averaging
         raise

@@ -35,7 +35,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from heartbatch.images import load_image
 from heartbatch.labels import LabelError, load_labels, read_split
+from heartbatch.pixels import preprocess
 
 from . import checkpoint, corrupt, engine
 from .augment import AugmentConfig, augment_batch, boxes_from_masks
@@ -43,6 +45,7 @@ from .checkpoint import CheckpointError
 from .datasets import TensorDataset, build_dataset, holdout_split, load_or_make_split, source_of, split_keys
 from .engine import NonFiniteLoss
 from .net import HeartBoxNet
+from .ward import patient_split, read_ward
 
 #: --show-augmentations: how many training films (rows), the columns, the label band above them (px)
 SHOW_FILMS = 4
@@ -81,6 +84,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="probability per training sample of 1-3 ward-film corruptions (exporter/corrupt.py: "
                         "ECG leads, lines, haze, contrast, noise, resampling, JPEG, grid, AP geometry, "
                         "collimation, tight crop), image and masks together, before the affine (default 0: off)")
+    p.add_argument("--ward-films", type=Path, metavar="FOLDER",
+                   help="real ward films without labels (FOLDER.csv beside it: file, patient), as for trust-onnx "
+                        "--ward: the fitting half of the patients (split by --ward-films-seed, trust-onnx's --seed) "
+                        "joins every step, trained so that their boxes under ward corruptions match the "
+                        "network's own boxes on the plain film; the other patients are never seen")
+    p.add_argument("--ward-films-weight", type=float, default=1.0, help="weight of that consistency loss (default 1)")
+    p.add_argument("--ward-films-per-step", type=int, default=4, help="ward films per step (default 4)")
+    p.add_argument("--ward-films-seed", type=int, default=0,
+                   help="patient split of --ward-films; keep it equal to trust-onnx's --seed (default 0)")
     p.add_argument("--show-augmentations", type=Path, metavar="OUT_PNG",
                    help="write a grid of a few training films, plain and with every ward corruption (heart box "
                         "red, thorax blue, from the moved masks) to OUT_PNG and exit without training")
@@ -117,6 +129,8 @@ def usage_error(args) -> str | None:
         return f"--ward is a probability per sample, from 0 to 1 (got {args.ward:g})"
     if args.ward > 0 and args.no_augment:
         return "--ward is an augmentation: not with --no-augment"
+    if args.ward_films is not None and (args.ward_films_weight <= 0 or args.ward_films_per_step < 1):
+        return "--ward-films needs a positive --ward-films-weight and --ward-films-per-step"
     return None
 
 
@@ -196,11 +210,25 @@ def show_augmentations(args, items, console) -> int:
     return 0
 
 
-def make_plan(args, device: torch.device) -> engine.Plan:
+def load_ward_films(args, size: int) -> tuple[engine.Unlabeled | None, dict | None]:
+    """--ward-films: the fitting patients' films at the model's input size (the runtime's
+    preprocessing), and what the config records of them."""
+    if args.ward_films is None:
+        return None, None
+    fit, held = patient_split(read_ward(args.ward_films), args.ward_films_seed)
+    images = torch.from_numpy(np.stack([preprocess(load_image(f.path), size) for f in fit]))[:, None]
+    unlabeled = engine.Unlabeled(images, [f.key for f in fit], args.ward_films_weight, args.ward_films_per_step)
+    record = {"folder": str(args.ward_films), "seed": args.ward_films_seed, "films": len(fit),
+              "patients": sorted({f.patient for f in fit}), "held_out_patients": sorted({f.patient for f in held}),
+              "weight": args.ward_films_weight, "per_step": args.ward_films_per_step}
+    return unlabeled, record
+
+
+def make_plan(args, device: torch.device, unlabeled: engine.Unlabeled | None = None) -> engine.Plan:
     return engine.Plan(out=args.out, epochs=args.epochs, batch_size=args.batch_size, device=device,
                        augment=None if args.no_augment else augment_config(args), lr=args.lr,
                        weight_decay=args.weight_decay, iou_weight=args.iou_weight, seed=args.seed,
-                       average_from=args.average_from, average_lr=args.average_lr)
+                       average_from=args.average_from, average_lr=args.average_lr, unlabeled=unlabeled)
 
 
 def _error(console, message: str, status: int) -> int:
@@ -227,7 +255,9 @@ def build_model(args, train_data: TensorDataset, val_data: TensorDataset, consol
     model = HeartBoxNet(mean=mean, std=std, imagenet_weights=args.imagenet_weights)
     if init is not None:
         model.load_state_dict(init["model"])
-        console.print(f"initialised from {args.init} (epoch {init['epoch'] + 1})")
+        origin = init["config"].get("recovered_from")
+        console.print(f"initialised from {args.init} "
+                      + (f"(rebuilt from {origin})" if origin else f"(epoch {init['epoch'] + 1})"))
     return model, checkpoint.config(args, mean, std, len(train_data), len(val_data))
 
 
@@ -274,11 +304,18 @@ def main(argv=None) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     train_data, val_data = load_images(items, split, args.size, console)
+    try:
+        unlabeled, ward_record = load_ward_films(args, args.size)
+    except (ValueError, OSError) as exc:
+        return _error(console, str(exc), 2)
     console.print(f"{len(train_data)} training, {len(val_data)} validation images at {args.size}px on {device}"
-                  + (f" (validation: every {args.holdout_source} image)" if args.holdout_source else ""))
-    plan = make_plan(args, device)
+                  + (f" (validation: every {args.holdout_source} image)" if args.holdout_source else "")
+                  + (f"; {ward_record['films']} unlabeled ward films of {len(ward_record['patients'])} patients "
+                     f"({len(ward_record['held_out_patients'])} patients held out)" if ward_record else ""))
+    plan = make_plan(args, device, unlabeled)
     try:
         model, config = build_model(args, train_data, val_data, console)
+        config["ward_films"] = ward_record
         run = engine.start(model.to(device), plan, len(train_data))
         if args.resume:
             resume(run, args.resume, device, console)

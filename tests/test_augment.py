@@ -44,7 +44,7 @@ def _boxes(masks: np.ndarray) -> np.ndarray:
 
 def test_every_ward_corruption_is_tested():
     assert set(corrupt.WARD) == {"devices", "haze", "contrast", "noise", "resample", "jpeg", "grid", "ap_geometry",
-                                 "collimation", "tight_crop"}
+                                 "collimation", "tight_crop", "whiteout", "sitting", "text"}
     assert GEOMETRIC <= set(ALL)
 
 
