@@ -34,6 +34,12 @@ class TensorDataset:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def plus(self, other: "TensorDataset") -> "TensorDataset":
+        """Both sets of samples, this one's first."""
+        return TensorDataset(torch.cat([self.images, other.images]), torch.cat([self.masks, other.masks]),
+                             torch.cat([self.boxes, other.boxes]), torch.cat([self.real_masks, other.real_masks]),
+                             torch.cat([self.expert_ctr, other.expert_ctr]), self.keys + other.keys)
+
     def subset(self, index: list[int]) -> "TensorDataset":
         idx = torch.as_tensor(index, dtype=torch.long)
         return TensorDataset(self.images[idx], self.masks[idx], self.boxes[idx],

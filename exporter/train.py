@@ -102,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", type=Path,
                    help="start from this checkpoint's weights (and normalization) with a fresh optimizer "
                         "and schedule: fine-tuning, e.g. a second cycle or another data set")
+    p.add_argument("--extra-labels", type=Path, action="append", default=[], metavar="CSV",
+                   help="more labeled films, always trained on (never validated on): a box CSV (path, heart and "
+                        "thorax box in pixels), e.g. what `heartbatch review --export` writes of a site's reviewed "
+                        "films; with --init, site adaptation. May be given more than once")
     p.add_argument("--iou-weight", type=float, default=0.0,
                    help="add this weight x (1 - heart box IoU) to the loss (default 0: coordinates only)")
     p.add_argument("--average-from", type=int, default=0, metavar="K",
@@ -224,6 +228,21 @@ def load_ward_films(args, size: int) -> tuple[engine.Unlabeled | None, dict | No
     return unlabeled, record
 
 
+def load_extra_labels(paths: list[Path], size: int, validation: set[Path]) -> TensorDataset | None:
+    """--extra-labels: their films as training samples (filled boxes as masks, so only the box loss
+    learns from them).  A film of the validation split among them is refused: it would be
+    measured on what it was trained on."""
+    if not paths:
+        return None
+    items = [item for path in paths for item in load_labels(path)]
+    shared = sorted({Path(item.image_path).resolve() for item in items} & validation)
+    if shared:
+        raise ValueError(f"--extra-labels lists {len(shared)} validation films of this run (e.g. {shared[0]}); "
+                         "leave them out of the labels or out of the validation split")
+    items = [dataclasses.replace(item, name=f"extra{i}/{item.key}") for i, item in enumerate(items)]
+    return build_dataset(items, size)
+
+
 def make_plan(args, device: torch.device, unlabeled: engine.Unlabeled | None = None) -> engine.Plan:
     return engine.Plan(out=args.out, epochs=args.epochs, batch_size=args.batch_size, device=device,
                        augment=None if args.no_augment else augment_config(args), lr=args.lr,
@@ -306,8 +325,14 @@ def main(argv=None) -> int:
     train_data, val_data = load_images(items, split, args.size, console)
     try:
         unlabeled, ward_record = load_ward_films(args, args.size)
+        by_key = {i.key: i for i in items}
+        extra = load_extra_labels(args.extra_labels, args.size,
+                                  {Path(by_key[k].image_path).resolve() for k in split["val"]})
     except (ValueError, OSError) as exc:
         return _error(console, str(exc), 2)
+    if extra is not None:
+        train_data = train_data.plus(extra)
+        console.print(f"{len(extra)} films of {', '.join(map(str, args.extra_labels))} added to training")
     console.print(f"{len(train_data)} training, {len(val_data)} validation images at {args.size}px on {device}"
                   + (f" (validation: every {args.holdout_source} image)" if args.holdout_source else "")
                   + (f"; {ward_record['films']} unlabeled ward films of {len(ward_record['patients'])} patients "
@@ -316,6 +341,7 @@ def main(argv=None) -> int:
     try:
         model, config = build_model(args, train_data, val_data, console)
         config["ward_films"] = ward_record
+        config["extra_labels"] = {"files": [str(p) for p in args.extra_labels], "films": len(extra)} if extra else None
         run = engine.start(model.to(device), plan, len(train_data))
         if args.resume:
             resume(run, args.resume, device, console)

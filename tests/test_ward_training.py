@@ -193,3 +193,39 @@ def test_consistency_term_is_what_the_steps_lower(data_dir):
     gaps = [engine.train_one_epoch(model, blind, optimizer, None, gen, 3, cpu, cfg, epoch=epoch,
                                    unlabeled=unlabeled)["consistency"] for epoch in range(6, 16)]
     assert all(np.isfinite(gaps)) and np.mean(gaps[-3:]) < 0.75 * np.mean(gaps[:3]), gaps
+
+
+# --- site adaptation: more labeled films -------------------------------------------
+
+def test_extra_labels_are_trained_on_and_never_validated_on(exported, tmp_path, capsys):
+    """--extra-labels (a box CSV, as a review export writes) joins training; a validation film in it
+    is refused."""
+    from heartbatch.images import image_size
+    from heartbatch.labels import BOX_COLUMNS
+
+    items = {i.key: i for i in load_labels(exported["data"])}
+    split = json.loads(exported["split"].read_text())
+
+    def labels(keys, path):
+        lines = ["path," + ",".join(BOX_COLUMNS)]
+        for key in keys:
+            item = items[key]
+            rows, columns = image_size(item.image_path)
+            lines.append(f"{item.image_path}," + ",".join(f"{v:.2f}" for v in item.boxes * np.array([columns, rows] * 4)))
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    site = labels(split["train"][:2], tmp_path / "site.csv")
+    run = tmp_path / "run"
+    assert train.main(["--data", str(exported["data"]), "--out", str(run), "--split", str(exported["split"]),
+                       "--size", "64", "--epochs", "1", "--batch-size", "4", "--threads", "1",
+                       "--extra-labels", str(site)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 films of" in err and f"{len(split['train']) + 2} training" in err
+    config = torch.load(run / "last.pt", weights_only=False)["config"]
+    assert config["extra_labels"] == {"files": [str(site)], "films": 2}
+
+    leaky = labels(split["val"][:1], tmp_path / "leaky.csv")
+    assert train.main(["--data", str(exported["data"]), "--out", str(tmp_path / "bad"), "--split",
+                       str(exported["split"]), "--size", "64", "--epochs", "1", "--extra-labels", str(leaky)]) == 2
+    assert "validation films of this run" in " ".join(capsys.readouterr().err.split())
