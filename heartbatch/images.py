@@ -14,7 +14,8 @@ from PIL import Image
 
 
 def is_dicom(path: str | Path) -> bool:
-    """True when the file has the DICOM preamble or a DICOM suffix."""
+    """True when the file has the DICOM preamble or a DICOM suffix, or is a dataset written
+    without them (as `heartbatch run` reads it: a report may list such files by any name)."""
     path = Path(path)
     if path.suffix.lower() in {".dcm", ".dicom"}:
         return True
@@ -23,7 +24,11 @@ def is_dicom(path: str | Path) -> bool:
             head = fh.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    from .dicom import looks_like_raw_dataset
+
+    return looks_like_raw_dataset(path)
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -40,9 +45,9 @@ def load_image(path: str | Path) -> np.ndarray:
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(rows, columns)`` without decoding pixels where the format allows."""
     if is_dicom(path):
-        import pydicom
+        from .dicom import read_any_header  # the runtime's reading of a header
 
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        return int(ds.Rows), int(ds.Columns)
+        header = read_any_header(path)[1]
+        return header.rows, header.columns
     with Image.open(path) as im:
         return im.height, im.width

@@ -222,3 +222,28 @@ def count_complete_rows(report: Path) -> int:
     except FileNotFoundError:
         return 0
     return max(data.count(b"\n") - 1, 0)
+
+
+# --- heartbatch review ---------------------------------------------------------------------
+
+def review_studies(folder: Path, data_dir: Path, chests: int = 3, dark: int = 2) -> list[Path]:
+    """Real chest films (measured, not flagged by the intensity test model) and nearly black films
+    (their CTR falls below the review range, so they are flagged): a report with a review queue."""
+    from dicom_factory import brightness_image, shared_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [write_dicom(folder / f"chest{i}.dcm", shared_png(data_dir, i), patient_id=f"HB-PATIENT-{i}")
+             for i in range(chests)]
+    paths += [write_dicom(folder / f"dark{i}.dcm", brightness_image(0.02, seed=i, rows=300, cols=260),
+                          patient_id=f"HB-PATIENT-D{i}") for i in range(dark)]
+    return paths
+
+
+def start_review(procs: "Processes", report: Path, *args: str, name: str = "review") -> tuple[subprocess.Popen, str]:
+    """`heartbatch review REPORT --port 0 ...` as a real subprocess; returns it and the address it printed."""
+    import re
+
+    proc = procs.start(hb("review", report, "--port", "0", *args), name)
+    found = wait_until(lambda: re.search(r"open (http://\S+)", output(proc)), timeout=60,
+                       message="the review server's address", proc=proc)
+    return proc, found.group(1)

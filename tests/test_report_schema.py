@@ -19,7 +19,8 @@ from heartbatch.report.schema import COLUMNS, PATIENT_COLUMNS, columns
 from heartbatch.report.table import format_rows
 from heartbatch.report.paths import ReportFiles
 
-NEW = ["chest_score", "uncertainty", "review", "review_reason"]
+NEW = ["chest_score", "uncertainty", "review", "review_reason",
+       "review_status", "ctr_reviewed", "reviewed_at", "reviewer", "review_note"]
 #: The report columns before the content check and the review flag.
 PREVIOUS = COLUMNS[:COLUMNS.index("model_id") + 1]
 
@@ -43,28 +44,40 @@ def test_review_cells():
     assert row["review_reason"] == "'=mirrored film", "formula injection neutralized"
     assert row["patient_id"] == "PID-1"
     plain = cells(Record("b.dcm", OK, ctr=0.5, model_id="abc"))  # a model without the optional outputs
-    assert [plain[c] for c in NEW] == ["", "", "false", ""]
+    assert [plain[c] for c in NEW] == ["", "", "false", ""] + [""] * 5, "review columns empty until a person looks"
     refused = cells(Record("c.dcm", SKIPPED, "not a frontal chest radiograph by its content (score 0.04)",
                            chest_score=0.04))
-    assert [refused[c] for c in NEW] == ["0.040", "", "", ""], "review is for ok rows only"
+    assert [refused[c] for c in NEW] == ["0.040", "", "", ""] + [""] * 5, "review is for ok rows only"
 
 
-def _downgrade(report: Path) -> None:
-    """Make ``report`` and its ledger what the previous heartbatch wrote: 25 columns."""
+def _downgrade(report: Path, previous: list[str] = PREVIOUS) -> None:
+    """Make ``report`` and its ledger what an earlier heartbatch wrote: 25 columns (or ``previous``)."""
     def old(row: str) -> str:
         out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerow(next(csv.reader(io.StringIO(row)))[:len(PREVIOUS)])
+        csv.writer(out, lineterminator="\n").writerow(next(csv.reader(io.StringIO(row)))[:len(previous)])
         return out.getvalue()
 
     db = sqlite3.connect(ReportFiles.of(report).state_dir / "ledger.sqlite", isolation_level=None)
     try:
-        db.execute("UPDATE meta SET value=? WHERE key='columns'", (json.dumps(PREVIOUS),))
+        db.execute("UPDATE meta SET value=? WHERE key='columns'", (json.dumps(previous),))
         for path, row in db.execute("SELECT path, row FROM files").fetchall():
             db.execute("UPDATE files SET row=? WHERE path=?", (old(row), path))
         rows = [row for (row,) in db.execute("SELECT row FROM files ORDER BY seq")]
     finally:
         db.close()
-    report.write_text(",".join(PREVIOUS) + "\n" + "".join(rows), encoding="utf-8")
+    report.write_text(",".join(previous) + "\n" + "".join(rows), encoding="utf-8")
+
+
+def test_report_without_review_columns_gains_them_without_re_measuring(folders, intensity_model, tmp_path, capsys):
+    """The review columns are a person's, not a measurement's: a report written before them
+    (29 columns) is upgraded in place and no file is measured again."""
+    out = tmp_path / "out" / "report.csv"
+    assert _run(capsys, folders, out, intensity_model)[0] == 0
+    current = out.read_bytes()
+    _downgrade(out, COLUMNS[:COLUMNS.index("review_reason") + 1])
+    code, result, _ = _run(capsys, folders, out, intensity_model)
+    assert (code, result["processed"]) == (0, 0)
+    assert out.read_bytes() == current
 
 
 def _run(capsys, folder: Path, out: Path, model: Path, *extra: str) -> tuple[int, dict, str]:
@@ -126,7 +139,7 @@ def test_not_reached_row_keeps_its_cells_with_empty_new_ones(folders, intensity_
     assert _run(capsys, folders / "a", out, intensity_model)[0] == 0
     three = _rows(out)["three.dcm"]
     assert three["status"] == "ok" and three["ctr"] != ""
-    assert [three[c] for c in NEW] == ["", "", "", ""], "not measured by this version: unknown, not 'false'"
+    assert [three[c] for c in NEW] == [""] * len(NEW), "not measured by this version: unknown, not 'false'"
 
 
 def test_patient_columns_changed_is_still_refused(folders, intensity_model, tmp_path, capsys):

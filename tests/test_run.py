@@ -25,9 +25,11 @@ SPEC_COLUMNS = [
     "heart_x0", "heart_y0", "heart_x1", "heart_y1", "thorax_x0", "thorax_y0", "thorax_x1", "thorax_y1",
     "ctr", "heart_width_mm", "thoracic_width_mm", "enlarged", "model_id",
     "chest_score", "uncertainty", "review", "review_reason",
+    "review_status", "ctr_reviewed", "reviewed_at", "reviewer", "review_note",  # empty until `heartbatch review`
 ]
-#: Empty on an ok row of a model without the optional outputs, and when nothing needs review.
-OPTIONAL_COLUMNS = {"reason", "chest_score", "uncertainty", "review_reason"}
+#: Empty on an ok row of a model without the optional outputs, and when nothing needs review or was reviewed.
+OPTIONAL_COLUMNS = {"reason", "chest_score", "uncertainty", "review_reason",
+                    "review_status", "ctr_reviewed", "reviewed_at", "reviewer", "review_note"}
 THORAX_COLUMNS = ["thorax_x0", "thorax_y0", "thorax_x1", "thorax_y1"]
 
 #: Distinctive identifiers: none of these may appear in any output by default.

@@ -300,7 +300,8 @@ def reviewed(run, tmp_path_factory):
 
 def test_nothing_flagged_nothing_counted(run):
     summary = run["summary"]
-    assert summary["review"] == {"n": 0, "reasons": {}}
+    assert summary["review"] == {"n": 0, "reasons": {}, "decided": {"accepted": 0, "corrected": 0, "rejected": 0},
+                                 "rejected_reasons": {}}
     assert all(d["review"] == 0 for d in summary["by_view"].values())
     assert summary["studies"]["review_only"] == [] and all(s["review"] == 0 for s in summary["studies"]["items"])
 

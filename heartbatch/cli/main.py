@@ -9,10 +9,10 @@ import sys
 
 from .. import __version__
 from ..errors import ExitCode, HeartbatchError
-from . import evaluate, info, listen, report, run, show, watch
+from . import evaluate, info, listen, report, review, run, show, watch
 from .common import close_debug_log, explain, setup_debug_log
 
-COMMANDS = (run, watch, listen, report, show, info, evaluate)
+COMMANDS = (run, watch, listen, report, review, show, info, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

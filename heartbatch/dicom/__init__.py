@@ -13,8 +13,9 @@ MONOCHROME1 inversion) is :mod:`heartbatch.pixels`, under its ``PIPELINE_VERSION
 from ..errors import ReadError, Skipped
 from .decode import DECODER_PREFERENCE, decode
 from .header import DicomHeader, pixel_spacing
-from .read import DicomImage, read_dicom, read_header
+from .read import DicomImage, looks_like_raw_dataset, read_any_header, read_dicom, read_header
 from .select import check_candidate
 
 __all__ = ["DECODER_PREFERENCE", "DicomHeader", "DicomImage", "ReadError", "Skipped", "check_candidate",
-           "decode", "pixel_spacing", "read_dicom", "read_header"]
+           "decode", "looks_like_raw_dataset", "pixel_spacing", "read_any_header", "read_dicom",
+           "read_header"]

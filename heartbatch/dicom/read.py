@@ -40,7 +40,7 @@ class DicomImage:
     image: np.ndarray  # display-oriented float32, rows x columns (or rows/k x columns/k, see read_dicom)
 
 
-def _looks_like_raw_dataset(path: Path) -> bool:
+def looks_like_raw_dataset(path: Path) -> bool:
     """A DICOM dataset written without preamble/file meta starts with a group 0x0008 tag."""
     try:
         with open(path, "rb") as fh:
@@ -131,7 +131,7 @@ def _open(path: Path) -> Dataset:
     try:
         return _read(path)
     except InvalidDicomError:
-        if not _looks_like_raw_dataset(path):
+        if not looks_like_raw_dataset(path):
             raise Skipped("not a DICOM file", code="not_dicom") from None
         try:
             return _read(path, force=True)
@@ -158,12 +158,18 @@ def _open(path: Path) -> Dataset:
         raise ReadError(f"corrupt DICOM header: {sanitize.message(exc)}", code="corrupt_header") from None
 
 
+def read_any_header(path: str | Path) -> tuple[Dataset, DicomHeader]:
+    """Parse a file (pixel data deferred) as `run` does, without deciding whether it is measured
+    (training labels name a film's size this way, whatever the film)."""
+    with _quiet():
+        ds = _open(Path(path))
+        return ds, header_of(ds)
+
+
 def read_header(path: str | Path) -> tuple[Dataset, DicomHeader]:
     """Parse a file (pixel data deferred) and check it is a candidate."""
-    path = Path(path)
+    ds, header = read_any_header(path)
     with _quiet():
-        ds = _open(path)
-        header = header_of(ds)
         try:
             check_candidate(ds, header)
         except Skipped as exc:

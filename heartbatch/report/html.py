@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import json
 import math
 from pathlib import Path
 
@@ -27,8 +26,7 @@ from .. import __version__
 from ..confidence import is_content_reason
 from ..errors import Status
 from ..files import write_atomic
-from .paths import ReportFiles
-from .summary import flagged as review_flagged, read_report, summarize
+from .summary import ctr_value, flagged as review_flagged, read_report, rejected, saved_settings, summarize
 
 SAMPLE = 12        # thumbnails of studies below the threshold
 THUMB_SIDE = 320   # longer side of a thumbnail, pixels
@@ -100,11 +98,7 @@ def _data_uri(data: bytes, mime: str) -> str:
 
 def saved_threshold(report: Path) -> float | None:
     """The threshold the run used, from ``<report>.summary.json`` when it is there."""
-    path = ReportFiles.of(report).summary_json
-    try:
-        return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return saved_settings(report)[0]
 
 
 def histogram_bins(values: np.ndarray, threshold: float, max_bins: int = 60) -> np.ndarray:
@@ -191,12 +185,23 @@ def _sample(items: list[dict], n: int) -> list[dict]:
 def _figure(item: dict, row: dict, uri: str | None, why: str, anchor: str) -> str:
     enlarged = item.get("enlarged")
     caption = (f"<b class='{'flag' if enlarged else ''}'>CTR {_fmt(item.get('ctr'))}"
-               f"{' enlarged' if enlarged else ''}</b> · {_e(row.get('view_position') or '–')}"
+               f"{' enlarged' if enlarged else ''}</b>{_reviewed_note(row)} · {_e(row.get('view_position') or '–')}"
                f" · {_e(row.get('study_date') or '')}<br><span class='muted'>{_e(row['path'])}</span>")
     picture = (f"<img src='{uri}' alt='{_e(row['path'])}'>" if uri else
                f"<div class='missing'>no picture: {_e(why)}</div>")
     return (f"<figure id='{anchor}' class='{'enlarged' if enlarged else ''}'>{picture}"
             f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _reviewed_note(row: dict) -> str:
+    """Whose CTR the caption shows: a person's, once reviewed (the boxes drawn stay the model's)."""
+    status = row.get("review_status")
+    if status == "corrected":
+        return (f" <span class='muted'>(corrected by {_e(row.get('reviewer') or 'a reviewer')}; "
+                "boxes drawn: the model's)</span>")
+    if status == "accepted":
+        return f" <span class='muted'>(accepted by {_e(row.get('reviewer') or 'a reviewer')})</span>"
+    return ""
 
 
 def refused_by_content(row: dict) -> bool:
@@ -258,7 +263,7 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, qu
     if not studies and not summary["studies"]["review_only"]:  # heart-only model (no CTR): still show some
         studies = [{"path": p, "ctr": None, "enlarged": None, "study_instance_uid": r["study_instance_uid"],
                     "study_date": r["study_date"], "view_position": r["view_position"], "images": 1, "review": 0}
-                   for p, r in rows.items() if r["status"] == Status.OK and not review_flagged(r)]
+                   for p, r in rows.items() if r["status"] == Status.OK and not review_flagged(r) and not rejected(r)]
     ordered = sorted(studies, key=lambda s: (not s["enlarged"], -(s["ctr"] or 0), s["path"]))
     flagged = [s for s in ordered if s["enlarged"]]
     shown = flagged + _sample([s for s in ordered if not s["enlarged"]], sample)
@@ -270,8 +275,8 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, qu
         uri, why = _thumbnail(row, report, threshold)
         figures.append(_figure(item, row, uri, why, anchors[item["path"]]))
 
-    hist = histogram_png(np.array([float(r["ctr"]) for r in rows.values()
-                                   if r["status"] == Status.OK and r["ctr"] and not review_flagged(r)],
+    hist = histogram_png(np.array([ctr_value(r) for r in rows.values()
+                                   if r["status"] == Status.OK and not review_flagged(r) and not rejected(r)],
                                   dtype=np.float64), threshold)
     parts = [_header(summary, report), _review_queue(queue, report, threshold, queue_anchors, queue_limit),
              "<div class='top'>", _cards(summary)]
@@ -322,11 +327,20 @@ def _cards(summary: dict) -> str:
         ("CTR median (IQR)", _fmt(c.get("median")), f"{_fmt(c.get('q1'))}–{_fmt(c.get('q3'))}; "
                                                     f"mean {_fmt(c.get('mean'))}"),
         (f"images CTR &gt; {t:.2f}", f"{c['enlarged']}", f"of {c['n']} measured" + share
-         + (f"; {summary['review']['n']} flagged for review, not counted" if summary["review"]["n"] else "")),
+         + (f"; {summary['review']['n']} flagged for review, not counted" if summary["review"]["n"] else "")
+         + _decided(summary["review"].get("decided") or {})),
     ]
     return "<div class='cards'>" + "".join(
         f"<div class='card'><span class='muted'>{label}</span><b>{value}</b><span class='muted'>{sub}</span></div>"
         for label, value, sub in cards) + "</div>"
+
+
+def _decided(decided: dict) -> str:
+    """What people decided in `heartbatch review`, for the cards."""
+    if not any(decided.values()):
+        return ""
+    return (f"; reviewed: {decided['accepted']} accepted, {decided['corrected']} corrected (their CTR counted), "
+            f"{decided['rejected']} rejected (left out)")
 
 
 def _histogram_table(summary: dict) -> str:

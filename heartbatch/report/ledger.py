@@ -15,6 +15,12 @@ With ``--dicom-out``, a row's DICOM result files (written before the row is comm
 names are deterministic, so a file re-measured after a crash replaces them) are recorded with the
 row, and with ``--send-to`` the results still to send are queued in the ``outbox`` table in the
 same transaction: a row and its queued results are committed together or not at all.
+
+A person's reviews (`heartbatch review`) are kept in the ``reviews`` table, each decision
+appended with the fingerprint of the file it judged, and shown in the row's review cells: a
+review belongs to the film, so a re-measurement of an unchanged file (another model, threshold,
+an upgraded report) keeps it, while a changed file's reviews are set aside (kept, not shown) and
+its new row starts unreviewed.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LedgerError
-from .schema import COLUMNS
+from .schema import COLUMNS, REVIEW_COLUMNS
 
 SCHEMA_VERSION = "1"
 STALE = "stale: written by an earlier heartbatch"  # a settings value no run has: the file is re-measured
@@ -99,6 +105,7 @@ class Entry:
 class Committed:
     replaced: int = 0                                 # rows that replaced a row (the CSV needs a rewrite)
     obsolete: list[str] = field(default_factory=list)  # result files the new results superseded
+    rows: list[str] = field(default_factory=list)      # the rows as stored (a kept review's cells filled in)
 
 
 def key_of(path: str) -> str:
@@ -106,8 +113,28 @@ def key_of(path: str) -> str:
     return os.path.abspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A row as the ledger holds it: the file's key (absolute path), fingerprint and CSV row."""
+    path: str
+    fingerprint: Fingerprint
+    row: str
+
+
+def _cells(row: str) -> list[str]:
+    return next(csv.reader(io.StringIO(row)), [])
+
+
+def _line(cells: list[str]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(cells)
+    return out.getvalue()
+
+
 class Ledger:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, shared: bool = False):
+        """Open (creating) the ledger in ``state_dir`` and hold its lock.  ``shared``: the
+        connection may be used from several threads, one at a time (the caller serializes)."""
         state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = open(state_dir / "lock", "a+")
         try:
@@ -117,7 +144,7 @@ class Ledger:
             raise LedgerError(f"another heartbatch process is writing this report (lock {state_dir / 'lock'}); "
                               f"wait for it to finish or stop it") from None
         self.path = state_dir / "ledger.sqlite"
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=not shared)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript("""
@@ -139,6 +166,15 @@ class Ledger:
                 last_error TEXT NOT NULL DEFAULT '',
                 PRIMARY KEY (file, destination)
             );
+            CREATE TABLE IF NOT EXISTS reviews (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                path TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                mtime_ns INTEGER NOT NULL,
+                cells TEXT NOT NULL,
+                decision TEXT NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS reviews_path ON reviews(path);
         """)
         if "results" not in {c[1] for c in self._db.execute("PRAGMA table_info(files)")}:
             # ledgers written before --dicom-out: their rows have no results recorded
@@ -169,15 +205,19 @@ class Ledger:
             self._upgrade(old, columns, wanted)
 
     def _upgrade(self, old: list[str], columns: list[str], wanted: str) -> None:
-        """Rewrite every row in the new columns (new cells empty) and mark it stale, in one transaction."""
+        """Rewrite every row in the new columns (new cells empty), in one transaction, and mark it
+        stale unless the new columns are only a person's review columns (no new measurement)."""
         db = self._db
+        remeasure = any(c not in old and c not in REVIEW_COLUMNS for c in columns)
         db.execute("BEGIN IMMEDIATE")
         try:
             for path, row in db.execute("SELECT path, row FROM files").fetchall():
-                cells = dict(zip(old, next(csv.reader(io.StringIO(row)), [])))
-                out = io.StringIO()
-                csv.writer(out, lineterminator="\n").writerow([cells.get(c, "") for c in columns])
-                db.execute("UPDATE files SET row=?, settings=? WHERE path=?", (out.getvalue(), STALE, path))
+                cells = dict(zip(old, _cells(row)))
+                line = _line([cells.get(c, "") for c in columns])
+                if remeasure:
+                    db.execute("UPDATE files SET row=?, settings=? WHERE path=?", (line, STALE, path))
+                else:
+                    db.execute("UPDATE files SET row=? WHERE path=?", (line, path))
             self._set_meta("columns", wanted)
             db.execute("COMMIT")
         except BaseException:
@@ -205,8 +245,65 @@ class Ledger:
         for (row,) in self._db.execute("SELECT row FROM files ORDER BY seq"):
             yield row
 
+    def stored(self) -> list[Stored]:
+        """Every row with its file's key and fingerprint, in report order."""
+        return [Stored(path, Fingerprint(size, mtime), row) for path, size, mtime, row in
+                self._db.execute("SELECT path, size, mtime_ns, row FROM files ORDER BY seq")]
+
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+
+    # -- reviews ------------------------------------------------------------
+    def columns(self) -> list[str]:
+        """The report columns the ledger is bound to (empty for a new ledger)."""
+        return json.loads(self._meta("columns") or "[]")
+
+    def _with_review(self, row: str, cells: dict[str, str]) -> str:
+        """``row`` with its review cells set from ``cells`` (column -> text, already safe)."""
+        columns = self.columns()
+        values = _cells(row)
+        values += [""] * (len(columns) - len(values))
+        for name, value in cells.items():
+            values[columns.index(name)] = value
+        return _line(values)
+
+    def _current_review(self, path: str, fingerprint: Fingerprint) -> dict[str, str] | None:
+        found = self._db.execute("SELECT cells FROM reviews WHERE path=? AND size=? AND mtime_ns=? "
+                                 "ORDER BY seq DESC LIMIT 1", (path, fingerprint.size, fingerprint.mtime_ns)
+                                 ).fetchone()
+        return json.loads(found[0]) if found else None
+
+    def save_review(self, path: str, cells: dict[str, str], decision: str) -> str:
+        """Store a person's decision on ``path``'s row and show it in the row's review cells, in one
+        durable transaction; returns the new row.  ``cells``: the review columns' text (safe for a
+        CSV); ``decision``: what was decided, in full (JSON: the boxes accepted or drawn)."""
+        unknown = set(cells) - set(REVIEW_COLUMNS)
+        if unknown:
+            raise ValueError(f"not review columns: {sorted(unknown)}")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            found = db.execute("SELECT size, mtime_ns, row FROM files WHERE path=?", (path,)).fetchone()
+            if found is None:
+                raise LedgerError(f"{path} is not in this report")
+            size, mtime_ns, row = found
+            row = self._with_review(row, cells)
+            db.execute("INSERT INTO reviews(path, size, mtime_ns, cells, decision) VALUES (?, ?, ?, ?, ?)",
+                       (path, size, mtime_ns, json.dumps(cells), decision))
+            db.execute("UPDATE files SET row=? WHERE path=?", (row, path))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return row
+
+    def decisions(self) -> dict[str, str]:
+        """The current decision (JSON, as saved) of every reviewed row, by path: the latest review
+        made on the file as it is now."""
+        rows = self._db.execute(
+            "SELECT r.path, r.decision FROM reviews r JOIN files f ON f.path = r.path "
+            "AND f.size = r.size AND f.mtime_ns = r.mtime_ns ORDER BY r.seq")
+        return dict(rows.fetchall())
 
     # -- updates ------------------------------------------------------------
     def commit(self, entries: Iterable[Entry], send_to: str | None = None) -> Committed:
@@ -226,10 +323,13 @@ class Ledger:
                 if old is not None:
                     done.replaced += 1
                     done.obsolete += Results.loads(old[0]).paths() - entry.results.paths()
+                review = self._current_review(entry.path, entry.fingerprint)
+                row = entry.row if review is None else self._with_review(entry.row, review)
+                done.rows.append(row)
                 db.execute("INSERT OR REPLACE INTO files(path, size, mtime_ns, settings, row, seq, results) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (entry.path, entry.fingerprint.size, entry.fingerprint.mtime_ns, entry.settings,
-                            entry.row, seq, entry.results.dumps()))
+                            row, seq, entry.results.dumps()))
                 if send_to:
                     for file in sorted(entry.results.paths()):
                         db.execute("INSERT OR REPLACE INTO outbox(file, destination) VALUES (?, ?)", (file, send_to))
@@ -242,7 +342,8 @@ class Ledger:
         return done
 
     def clear(self) -> None:
-        """Forget the rows (--force); results still queued for sending stay queued."""
+        """Forget the rows (--force); results still queued for sending stay queued, and a person's
+        reviews stay (they come back on the rows of files that have not changed)."""
         self._db.execute("DELETE FROM files")
         self._db.execute("DELETE FROM meta")
 

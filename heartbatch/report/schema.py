@@ -13,7 +13,11 @@ COLUMNS = [
     "heart_x0", "heart_y0", "heart_x1", "heart_y1", "thorax_x0", "thorax_y0", "thorax_x1", "thorax_y1",
     "ctr", "heart_width_mm", "thoracic_width_mm", "enlarged", "model_id",
     "chest_score", "uncertainty", "review", "review_reason",
+    "review_status", "ctr_reviewed", "reviewed_at", "reviewer", "review_note",
 ]
+#: Filled by a person (`heartbatch review`), not by a measurement: a report that gains only these
+#: columns is upgraded without re-measuring its files.
+REVIEW_COLUMNS = ["review_status", "ctr_reviewed", "reviewed_at", "reviewer", "review_note"]
 PATIENT_COLUMNS = ["patient_id", "accession_number"]
 
 

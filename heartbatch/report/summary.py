@@ -6,6 +6,9 @@ the report (also after a resumed or crashed run) and can be regenerated.
 CTR statistics count only ``ok`` rows not flagged for review (``review`` is
 ``true``): a measurement a person should check first must not move the
 numbers; the flagged rows are counted beside them, never silently dropped.
+Once a person has reviewed a row (`heartbatch review`), the row counts with
+the CTR they accepted or corrected (``ctr_reviewed``), flagged or not, and a
+row they rejected is left out of every CTR number (counted as rejected).
 """
 
 from __future__ import annotations
@@ -63,16 +66,33 @@ def distribution(values: np.ndarray, threshold: float) -> dict:
     }
 
 
-def _ctr(row: dict[str, str]) -> float:
+REVIEWED = ("accepted", "corrected")  # review_status values whose ctr_reviewed counts
+REJECTED = "rejected"
+
+
+def reviewed(row: dict[str, str]) -> bool:
+    """A person accepted or corrected the row's measurement."""
+    return row.get("review_status") in REVIEWED
+
+
+def rejected(row: dict[str, str]) -> bool:
+    """A person rejected the row: no CTR of it counts anywhere."""
+    return row.get("review_status") == REJECTED
+
+
+def ctr_value(row: dict[str, str]) -> float:
+    """The row's CTR: the reviewed one where a person gave it, else the measured one (NaN if none)."""
+    cell = row.get("ctr_reviewed") if reviewed(row) and row.get("ctr_reviewed") else row["ctr"]
     try:
-        return float(row["ctr"]) if row["ctr"] else math.nan
+        return float(cell) if cell else math.nan
     except ValueError:
         return math.nan
 
 
 def flagged(row: dict[str, str]) -> bool:
-    """An ok row a person should check (a report from before the column has none)."""
-    return row.get("review") == "true"
+    """An ok row a person should still check: flagged and not reviewed yet (a report from before
+    the column has none)."""
+    return row.get("review") == "true" and not row.get("review_status")
 
 
 def review_reasons(rows: list[dict[str, str]]) -> dict[str, int]:
@@ -96,7 +116,7 @@ def per_study(ok: list[dict[str, str]], threshold: float) -> tuple[list[dict], l
     """
     groups: dict[str, list[dict[str, str]]] = {}
     for row in ok:
-        if math.isfinite(_ctr(row)):
+        if math.isfinite(ctr_value(row)):
             groups.setdefault(row["study_instance_uid"] or "path:" + row["path"], []).append(row)
     studies, review_only = [], []
     for key in sorted(groups):
@@ -108,8 +128,8 @@ def per_study(ok: list[dict[str, str]], threshold: float) -> tuple[list[dict], l
             "study_date": best["study_date"],
             "path": best["path"],
             "view_position": best["view_position"],
-            "ctr": _float(_ctr(best)),
-            "enlarged": bool(_ctr(best) > threshold),
+            "ctr": _float(ctr_value(best)),
+            "enlarged": bool(ctr_value(best) > threshold),
             "images": len(group),
             "review": len(group) - len(unflagged),
         }
@@ -122,11 +142,13 @@ def per_study(ok: list[dict[str, str]], threshold: float) -> tuple[list[dict], l
 
 def summarize(report: Path, threshold: float = 0.5) -> dict:
     rows = read_report(report)
-    ok = [r for r in rows if r["status"] == Status.OK]
+    ok = [r for r in rows if r["status"] == Status.OK and not rejected(r)]
+    decided = Counter(r.get("review_status") for r in rows if r["status"] == Status.OK and r.get("review_status"))
+    rejections = [r for r in rows if r["status"] == Status.OK and rejected(r)]
     measured = [r for r in ok if not flagged(r)]
     review = [r for r in ok if flagged(r)]
     reasons = Counter((r["status"], r["reason"]) for r in rows if r["status"] != Status.OK)
-    ctr = np.array([_ctr(r) for r in measured], dtype=np.float64)
+    ctr = np.array([ctr_value(r) for r in measured], dtype=np.float64)
     views = np.array([r["view_position"] or "unknown" for r in measured], dtype=object)
     review_views = Counter(r["view_position"] or "unknown" for r in review)
     studies, review_only = per_study(ok, threshold)
@@ -144,7 +166,10 @@ def summarize(report: Path, threshold: float = 0.5) -> dict:
         },
         "model_ids": sorted({r["model_id"] for r in rows if r["model_id"]}),
         "ctr": distribution(ctr, threshold),
-        "review": {"n": len(review), "reasons": review_reasons(review)},
+        "review": {"n": len(review), "reasons": review_reasons(review),
+                   "decided": {status: decided[status] for status in (*REVIEWED, REJECTED)},
+                   "rejected_reasons": dict(Counter(r.get("review_note") or "unspecified"
+                                                    for r in rejections).most_common())},
         "by_view": {view: {**distribution(ctr[views == view], threshold), "review": review_views[view]}
                     for view in sorted(set(views) | set(review_views), key=lambda v: (VIEW_ORDER.get(v, 2), v))},
         "studies": {"n": len(studies), "ctr": distribution(study_ctr, threshold), "items": studies,
@@ -172,6 +197,10 @@ def to_markdown(summary: dict) -> str:
     ]
     review = summary["review"]
     lines += [f"{review['n']} measurements flagged for review (not in the CTR statistics).", ""]
+    decided = review.get("decided") or {}
+    if any(decided.values()):
+        lines += [f"Reviewed by a person: {decided['accepted']} accepted, {decided['corrected']} corrected "
+                  f"(their reviewed CTR is the one counted), {decided['rejected']} rejected (left out).", ""]
     if review["reasons"]:
         lines += ["| review reason | images |", "|---|---|"]
         lines += [f"| {reason.replace('|', '/')} | {n} |" for reason, n in review["reasons"].items()] + [""]
@@ -227,6 +256,16 @@ def _arithmetic_lines(arithmetic: dict | None) -> list[str]:
                    f"{arithmetic['mode']} arithmetic instead")
     return [f"Arithmetic (last run): {arithmetic.get('cpu')}, onnxruntime {arithmetic.get('onnxruntime')}; "
             f"{verdict}.", ""]
+
+
+def saved_settings(report: Path) -> tuple[float | None, dict | None]:
+    """``(threshold, arithmetic)`` recorded in ``<report>.summary.json`` by the last run (None where
+    absent), so that summaries written again after a review keep the run's threshold."""
+    try:
+        saved = json.loads(ReportFiles.of(report).summary_json.read_text(encoding="utf-8"))
+        return float(saved["threshold"]), saved.get("arithmetic")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
 
 
 def write_summaries(report: Path, threshold: float = 0.5, arithmetic: dict | None = None) -> tuple[Path, Path, dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..files import replacing
 from ..records import Record
 from .ledger import Entry, Results, key_of
-from .schema import columns
+from .schema import REVIEW_COLUMNS, columns
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -47,6 +47,7 @@ def to_row(record: Record, include_patient_id: bool = False) -> list[str]:
             "" if record.enlarged is None else str(record.enlarged).lower(), record.model_id]
     row += [_num(record.chest_score, 3), _num(record.uncertainty, 4),
             str(bool(record.review)).lower() if record.ok else "", safe_text(record.review_reason)]
+    row += [""] * len(REVIEW_COLUMNS)  # a person's review; the ledger adds it (heartbatch.report.reviews)
     if include_patient_id:
         row += [safe_text(h.patient_id if h else ""), safe_text(h.accession_number if h else "")]
     return row
@@ -112,7 +113,7 @@ class Report:
         done = self.ledger.commit((Entry(key_of(r.path), fingerprints[r.path], settings, row, res)
                                    for r, row, res in zip(records, rows, results)), send_to)
         self._stale |= done.replaced > 0
-        self._fh.write("".join(rows))
+        self._fh.write("".join(done.rows))
         self._fh.flush()
         os.fsync(self._fh.fileno())
         return done.obsolete
@@ -124,6 +125,13 @@ class Report:
             self._rewrite()
             self._stale = False
             self._fh = open(self.path, "a", encoding="utf-8", newline="")
+
+    def rewrite(self) -> None:
+        """Write the CSV again from the ledger, now (after a person's review changed a row)."""
+        self._fh.close()
+        self._rewrite()
+        self._stale = False
+        self._fh = open(self.path, "a", encoding="utf-8", newline="")
 
     def close(self) -> None:
         self._fh.close()
