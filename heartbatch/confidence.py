@@ -58,6 +58,7 @@ class Prediction:
     uncertainty: np.ndarray | None = None   # [8] one standard deviation per coordinate
     content: np.ndarray | None = None       # [K] class probabilities
     distance: float | None = None           # how far the film's features lie from the training films'
+    masks: np.ndarray | None = None         # [3, H, W] heart, right lung, left lung probabilities (model grid)
 
 
 @dataclass(frozen=True)
@@ -167,4 +168,8 @@ def review_reasons(prediction: Prediction, policy: Policy, ctr_sd: float | None,
         if problem.startswith("heart on the image left") and "mirrored film or dextrocardia?" in reasons:
             continue
         reasons.append(problem)
+    if prediction.masks is not None:
+        from .masks import mask_problems
+
+        reasons.extend(mask_problems(prediction.masks))
     return reasons

@@ -27,6 +27,10 @@ UNCERTAINTY = "uncertainty"      # [N, 8]: one standard deviation of each box co
 CONTENT = "content"              # [N, K]: content class probabilities, class names in META_TRUST
 CHEST_DISTANCE = "chest_distance"  # [N]: distance of the film's features from the training films'
 OPTIONAL_OUTPUTS = {CHEST_SCORE: ("N",), UNCERTAINTY: ("N", 8), CONTENT: ("N", None), CHEST_DISTANCE: ("N",)}
+# [N, 3, H, W], H and W at most S: probabilities of heart, right lung, left lung (the patient's) on the
+# model input's grid; with it the runtime measures from the masks (:mod:`heartbatch.masks`)
+MASKS = "masks"
+MASK_CHANNELS = ("heart", "right_lung", "left_lung")
 
 # metadata_props keys
 META_FORMAT = "heartbatch.format_version"

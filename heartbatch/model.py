@@ -45,6 +45,11 @@ class ModelInfo:
         return self.outputs == 8
 
     @property
+    def has_masks(self) -> bool:
+        """The optional ``masks`` output: the runtime measures from the masks (:mod:`heartbatch.masks`)."""
+        return contract.MASKS in self.optional
+
+    @property
     def quantized(self) -> bool:
         return "heartbatch.quantization" in self.metadata
 
@@ -127,6 +132,8 @@ def _check(session, path: Path) -> tuple[ModelInfo, arithmetic.Probe | None, dic
         raise ContractError(f"{where}: output layout {meta[contract.META_OUTPUT_LAYOUT]!r} does not match "
                             f"its {width} outputs (expected {contract.OUTPUT_LAYOUTS[width]!r})")
     optional = _check_optional(values, where, n)
+    if contract.MASKS in optional:
+        _check_masks(values[contract.MASKS], outputs, where, n, size, width)
     info = ModelInfo(path=path, model_id=file_id(path), input_size=size, outputs=width, metadata=meta,
                      optional=optional)
     return info, probe, values
@@ -134,14 +141,36 @@ def _check(session, path: Path) -> tuple[ModelInfo, arithmetic.Probe | None, dic
 
 def _check_optional(values: dict[str, np.ndarray], where: str, n: int) -> tuple[str, ...]:
     """The optional outputs present, each checked for its shape on the sample batch of ``n``."""
-    names = [name for name in values if name in contract.OPTIONAL_OUTPUTS]
+    names = [name for name in values if name in contract.OPTIONAL_OUTPUTS or name == contract.MASKS]
     for name in names:
+        if name not in contract.OPTIONAL_OUTPUTS:
+            continue
         value, expected = values[name], contract.OPTIONAL_OUTPUTS[name]
         if value.ndim != len(expected) or value.shape[0] != n or \
                 any(want is not None and got != want for got, want in zip(value.shape[1:], expected[1:])):
             raise ContractError(f"{where}: optional output '{name}' must be {_shape_text(expected)}; "
                                 f"a batch of {n} gave shape {list(value.shape)}")
     return tuple(names)
+
+
+def _check_masks(masks: np.ndarray, outputs, where: str, n: int, size: int, width: int) -> None:
+    """The optional ``masks`` output: float32 ``[N, 3, H, W]`` (heart, right lung, left lung), H and W at
+    most S, on the sample batch of ``n``; it measures the thorax too, so the boxes must be [N, 8]."""
+    declared = next(o for o in outputs if o.name == contract.MASKS)
+    channels = ", ".join(contract.MASK_CHANNELS)
+    if declared.type != "tensor(float)" or masks.dtype != np.float32:
+        raise ContractError(f"{where}: optional output '{contract.MASKS}' must be float32 probabilities, "
+                            f"found {declared.type}; export the masks after a Sigmoid as float")
+    if masks.ndim != 4 or masks.shape[0] != n or masks.shape[1] != len(contract.MASK_CHANNELS):
+        raise ContractError(f"{where}: optional output '{contract.MASKS}' must be [N, 3, H, W] ({channels}) "
+                            f"with a dynamic batch; a batch of {n} gave shape {list(masks.shape)}")
+    if not (1 <= masks.shape[2] <= size and 1 <= masks.shape[3] <= size):
+        raise ContractError(f"{where}: optional output '{contract.MASKS}' is {masks.shape[2]} x {masks.shape[3]}; "
+                            f"its grid must be at most the input's {size} x {size} (the model input's grid, "
+                            f"or coarser)")
+    if width != 8:
+        raise ContractError(f"{where}: a model with '{contract.MASKS}' measures the thorax too: its "
+                            f"'{contract.OUTPUT_NAME}' output must be [N, 8], not [N, {width}]")
 
 
 def _shape_text(shape: tuple) -> str:
@@ -199,8 +228,13 @@ class BoxModel:
             f"model card's. Try the onnxruntime version the model records ({probe.recorded_with or 'unknown'})")
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """``[N, S, S]`` preprocessed images -> ``[N, 4|8]`` normalized boxes (float64)."""
+        """``[N, S, S]`` preprocessed images -> ``[N, 4|8]`` normalized boxes (float64): with ``masks``,
+        the masks' boxes (:func:`heartbatch.masks.boxes_from_masks`), as every row is measured."""
         batch = np.ascontiguousarray(images, dtype=np.float32)[:, None]
+        if self.info.has_masks:
+            from .masks import boxes_from_masks
+
+            return boxes_from_masks(self._session.run([contract.MASKS], {contract.INPUT_NAME: batch})[0])
         out = self._session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: batch})[0]
         return out.astype(np.float64)
 
@@ -210,6 +244,11 @@ class BoxModel:
         names = [contract.OUTPUT_NAME, *self.info.optional]
         values = dict(zip(names, self._session.run(names, {contract.INPUT_NAME: batch})))
         boxes = values[contract.OUTPUT_NAME].astype(np.float64)
+        masks = values.get(contract.MASKS)
+        if masks is not None:  # the runtime measures from the masks; `boxes` is fetched and checked as before
+            from .masks import boxes_from_masks
+
+            boxes = np.where(np.isfinite(boxes).all(axis=1, keepdims=True), boxes_from_masks(masks), np.nan)
         scores = values.get(contract.CHEST_SCORE)
         sds = values.get(contract.UNCERTAINTY)
         content = values.get(contract.CONTENT)
@@ -218,7 +257,8 @@ class BoxModel:
                            chest_score=None if scores is None else float(scores[i]),
                            uncertainty=None if sds is None else sds[i].astype(np.float64),
                            content=None if content is None else content[i].astype(np.float64),
-                           distance=None if distance is None else float(distance[i]))
+                           distance=None if distance is None else float(distance[i]),
+                           masks=None if masks is None else masks[i])
                 for i in range(len(boxes))]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,8 @@ TEXT = (255, 255, 255)
 FLAG = (255, 170, 0)
 HEART_TEXT = (255, 120, 120)  # lighter tints read better on the dark label background
 THORAX_TEXT = (120, 175, 255)
+#: mask outlines (a model with masks): heart (pink), right lung (green), left lung (cyan)
+OUTLINES = ((255, 80, 170), (0, 220, 120), (0, 200, 255))
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,13 @@ class Marks:
     uncertainty: float | None = None   # one standard deviation of the CTR
     review: bool | None = None
     review_reason: str = ""
+    masks: np.ndarray | None = field(default=None, compare=False, repr=False)  # [3, H, W] model-grid probabilities
 
     @classmethod
     def from_record(cls, record: Record) -> "Marks":
         return cls(record.heart, record.thorax, record.ctr, record.heart_width_mm,
                    record.thoracic_width_mm, record.enlarged, record.chest_score, record.uncertainty,
-                   record.review, record.review_reason)
+                   record.review, record.review_reason, record.masks)
 
     @classmethod
     def from_row(cls, row: Mapping[str, str], threshold: float | None = None) -> "Marks":
@@ -137,6 +140,8 @@ def draw_marks(image: Image.Image, rows: int, columns: int, marks: Marks, note: 
     font = _font(max(11, round(max(w, h) / 32)))
     small = _font(max(10, round(max(w, h) / 45)))
     labels = max(w, h) >= 400   # thumbnails carry the numbers in their caption
+    if marks.masks is not None:
+        draw_outlines(image, marks.masks, max(1, line // 2))
     for box, color in ((marks.thorax, THORAX), (marks.heart, HEART)):
         if box is not None:
             draw.rectangle(scale_box(box, sx, sy), outline=color, width=line)
@@ -168,6 +173,24 @@ def draw_marks(image: Image.Image, rows: int, columns: int, marks: Marks, note: 
         _label(draw, (line * 3, y), f"REVIEW: {reason}", FLAG, small)
     if note:
         _label(draw, (line * 3, h - line * 3), note, TEXT, small, "ld")
+    return image
+
+
+def draw_outlines(image: Image.Image, masks: np.ndarray, width: int = 1) -> Image.Image:
+    """The outlines of the model's masks (``[3, H, W]`` probabilities on the model input's grid)
+    on ``image``, a display image of the whole film, in place: each mask resampled to the display
+    grid as the boxes are mapped (:func:`heartbatch.masks.solid_on_grid`), its boundary ``width``
+    pixels wide."""
+    from .masks import outline, solid_on_grid
+
+    w, h = image.size
+    pixels = np.array(image)
+    for solid, color in zip(solid_on_grid(masks, h, w), OUTLINES):
+        edge = outline(solid)
+        for _ in range(width - 1):  # thicken inwards, so the outline stays inside the structure
+            edge |= outline(solid & ~edge)
+        pixels[edge] = color
+    image.paste(Image.fromarray(pixels))
     return image
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,9 @@ class Record:
     code: str = ""                    # short machine-readable reason ("not_dicom", "truncated"...); not in the CSV
     results: tuple[str, ...] = ()     # --dicom-out: names of the DICOM result files written for this row
     results_error: str = ""           # --dicom-out: why they could not be written
+    masks: np.ndarray | None = field(default=None, compare=False, repr=False)  # ok rows of a model with masks: [3, H, W] probabilities on the model
+    #                                   input's grid (heart, right lung, left lung); never in the CSV, and
+    #                                   dropped before a record leaves a worker process
 
     @property
     def ok(self) -> bool:
@@ -49,6 +52,14 @@ def measure(path: str, header: DicomHeader, prediction: Prediction, model_id: st
     from .geometry import ctr as ctr_of, to_pixels, width
 
     boxes = np.asarray(prediction.boxes, dtype=np.float64)
+    if not np.isfinite(boxes).all() and prediction.masks is not None:
+        from .masks import PRESENT
+
+        masks = np.nan_to_num(np.asarray(prediction.masks, dtype=np.float64), nan=0.0)
+        missing = "heart" if masks[0].max() < PRESENT else "lungs" if masks[1:].max() < PRESENT else None
+        if missing is not None:
+            return Record(path, ERROR, f"the model's masks show no {missing} on this image", header,
+                          model_id=model_id)
     if not np.isfinite(boxes).all():
         return Record(path, ERROR, "model returned a non-finite box for this image", header, model_id=model_id)
     score = prediction.chest_score
@@ -62,7 +73,8 @@ def measure(path: str, header: DicomHeader, prediction: Prediction, model_id: st
     for name, box in (("heart", heart), ("thorax", thorax)):
         if box is not None and not (box[2] > box[0] and box[3] > box[1]):
             return Record(path, ERROR, f"model returned an empty {name} box", header, model_id=model_id)
-    record = Record(path, OK, "", header, heart=heart, thorax=thorax, model_id=model_id, chest_score=score)
+    record = Record(path, OK, "", header, heart=heart, thorax=thorax, model_id=model_id, chest_score=score,
+                    masks=prediction.masks)
     spacing = header.pixel_spacing_mm
     if spacing is not None:
         record.heart_width_mm = width(heart) * spacing[1]

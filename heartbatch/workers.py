@@ -108,6 +108,8 @@ def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_T
     records = _measure_prepared(items, box_model, policy)
     if results is not None:
         _write_dicom_results(records, box_model.info, results)
+    for record in records:  # only small records leave the process
+        record.masks = None
     return records
 
 

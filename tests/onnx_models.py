@@ -195,3 +195,62 @@ def saturating_copy(source: str | Path, out: str | Path) -> Path:
     probe.record(model)
     onnx.save(model, str(out))
     return Path(out)
+
+
+def ellipse_masks(grid: int = 56, *, heart=(0.56, 0.62, 0.17, 0.12), right_lung=(0.30, 0.47, 0.17, 0.30),
+                  left_lung=(0.70, 0.47, 0.17, 0.30), supersample: int = 8) -> np.ndarray:
+    """Area-sampled ``[3, grid, grid]`` masks of three ellipses ``(cx, cy, rx, ry)`` (normalized):
+    heart, right lung (the patient's: on the image left), left lung. The defaults are anatomically
+    plausible (CTR 0.34 / 0.74 = 0.46, areas within :mod:`heartbatch.masks`' ranges)."""
+    n = grid * supersample
+    c = (np.arange(n) + 0.5) / n
+    y, x = np.meshgrid(c, c, indexing="ij")
+    out = []
+    for cx, cy, rx, ry in (heart, right_lung, left_lung):
+        inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+        out.append(inside.reshape(grid, supersample, grid, supersample).mean(axis=(1, 3)))
+    return np.stack(out).astype(np.float32)
+
+
+def masks_model(path: str | Path, masks: np.ndarray | None = None, boxes: Sequence[float] = DEFAULT_BOXES,
+                size: int = 224, metadata_overrides: dict[str, str | None] | None = None, *,
+                masks_type: int = TensorProto.FLOAT, extra_outputs: bool = False) -> Path:
+    """The same ``masks`` (default :func:`ellipse_masks`) and ``boxes`` for every image (``mean * 0 +
+    constant``, so both have N rows). ``masks`` of another shape (two channels, a grid larger than
+    ``size``) or ``masks_type`` (e.g. TensorProto.DOUBLE) break the contract on purpose; with
+    ``extra_outputs``, also ``chest_score`` (0.99) and ``uncertainty`` (zeros)."""
+    masks = ellipse_masks() if masks is None else np.asarray(masks, np.float32)
+    nodes = _mean_nodes(C.INPUT_NAME) + [
+        helper.make_node("Mul", ["mean", "zero"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "box"], [C.OUTPUT_NAME]),
+        helper.make_node("Reshape", ["zeros", "shape_n111"], ["zeros4"]),
+        helper.make_node("Add", ["zeros4", "mask_const"], ["masks_f"]),
+    ]
+    if masks_type == TensorProto.FLOAT:
+        nodes[-1].output[0] = C.MASKS
+    else:
+        nodes.append(helper.make_node("Cast", ["masks_f"], [C.MASKS], to=masks_type))
+    inits = [_shape_n1(), _const("zero", 0.0), _const("box", [[float(b) for b in boxes]]),
+             helper.make_tensor("shape_n111", TensorProto.INT64, [4], [-1, 1, 1, 1]),
+             _const("mask_const", masks[None])]
+    outputs = [helper.make_tensor_value_info(C.OUTPUT_NAME, TensorProto.FLOAT, ["N", len(boxes)]),
+               helper.make_tensor_value_info(C.MASKS, masks_type, ["N", *masks.shape])]
+    if extra_outputs:
+        nodes += [helper.make_node("Reshape", ["zeros", "shape_n"], ["zeros1"]),
+                  helper.make_node("Add", ["zeros1", "score"], [C.CHEST_SCORE]),
+                  helper.make_node("Add", ["zeros", "sd"], [C.UNCERTAINTY])]
+        inits += [helper.make_tensor("shape_n", TensorProto.INT64, [1], [-1]), _const("score", 0.99),
+                  _const("sd", [[0.0] * 8])]
+        outputs += [helper.make_tensor_value_info(C.CHEST_SCORE, TensorProto.FLOAT, ["N"]),
+                    helper.make_tensor_value_info(C.UNCERTAINTY, TensorProto.FLOAT, ["N", 8])]
+    graph = helper.make_graph(nodes, "heartbatch_test_masks",
+                              [helper.make_tensor_value_info(C.INPUT_NAME, TensorProto.FLOAT, ["N", 1, size, size])],
+                              outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="heartbatch-tests", ir_version=IR_VERSION)
+    helper.set_model_props(model, metadata(size, len(boxes), metadata_overrides))
+    onnx.checker.check_model(model, full_check=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "show", help="draw the boxes, widths and CTR on one image (optionally with an occlusion map)",
         description="Measure one DICOM file and write a PNG with the heart box (red), the thorax box (blue), "
-                    "the heart and thoracic widths and the CTR drawn on the image (with its uncertainty, the "
+                    "the heart and thoracic widths and the CTR drawn on the image (and, for a model with masks, "
+                    "the outlines of the heart and both lungs; with its uncertainty, the "
                     "content check's chest score and the review flag when the model gives them; printed "
                     "too). --explain blends an "
                     "occlusion-sensitivity map on top: how far the predicted heart box moves when each "

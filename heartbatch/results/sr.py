@@ -24,11 +24,14 @@ SR_SERIES_NUMBER = 9901
 
 
 def write_sr(source: pydicom.Dataset, record: Record, model_id: str, model_version: str,
-             out_dir: Path) -> Path:
+             out_dir: Path, segmentation: pydicom.Dataset | None = None) -> Path:
     """Write ``<sop>.sr.dcm`` (sop: the SR's SOP Instance UID) in ``out_dir``: a TID 1500
     Measurement Report with one planar ROI group per box (its width, SCT "Width" at finding site
     Heart or Thorax, and its polygon on the source image), and one group with the CTR, enlarged
-    yes/no and the review flag. Returns the path."""
+    yes/no and the review flag. With ``segmentation`` (the image's DICOM Segmentation of a model with
+    masks), one planar ROI group more per segment (heart, right lung, left lung) that references it
+    (TID 1410 Referenced Segmentation Frame, with its source image), and the Segmentation in the evidence.
+    Returns the path."""
     import highdicom as hd
 
     sop = source_sop_uid(source, record)
@@ -39,11 +42,13 @@ def write_sr(source: pydicom.Dataset, record: Record, model_id: str, model_versi
         ratio = _ratio_group(source, record, sop, model_id, algorithm)
         if ratio is not None:
             groups.append(ratio)
+        if segmentation is not None:
+            groups.extend(_segment_groups(segmentation, sop, model_id, algorithm))
         report = hd.sr.MeasurementReport(observation_context=_observation_context(model_id),
                                          procedure_reported=vocabulary().procedure, imaging_measurements=groups)
         sr_uid = result_uid(sop, model_id, "sr")
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[source], content=report[0], series_instance_uid=result_uid(sop, model_id, "sr-series"),
+            evidence=[source] if segmentation is None else [source, segmentation], content=report[0], series_instance_uid=result_uid(sop, model_id, "sr-series"),
             series_number=SR_SERIES_NUMBER, sop_instance_uid=sr_uid, instance_number=1, manufacturer=MANUFACTURER,
             series_description=f"heartbatch CTR ({model_id})"[:64], is_complete=True)
         return save(sr, Path(out_dir) / f"{sr_uid}.sr.dcm")
@@ -74,6 +79,42 @@ def _box_groups(source: pydicom.Dataset, record: Record, sop: str, model_id: str
             tracking_identifier=_tracking(sop, model_id, f"{name} box"), referenced_region=region,
             finding_type=site, algorithm_id=algorithm, measurements=[measurement]))
     return groups
+
+
+def _segment_groups(segmentation: pydicom.Dataset, sop: str, model_id: str, algorithm) -> list:
+    """One planar ROI group per segment of the image's Segmentation, referencing it: where the
+    boxes were measured from."""
+    import highdicom as hd
+
+    from .segmentation import SEGMENTS
+
+    v = vocabulary()
+    sites = {"Heart": v.heart}
+    groups = []
+    for item in segmentation.SegmentSequence:
+        label = str(item.SegmentLabel)
+        segment = hd.sr.ReferencedSegmentationFrame.from_segmentation(segmentation, segment_number=int(item.SegmentNumber))
+        finding = sites.get(label) or hd.sr.CodedConcept.from_dataset(item.SegmentedPropertyTypeCodeSequence[0])
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(sop, model_id, f"{label.lower()} mask"), referenced_segment=segment,
+            finding_type=finding, algorithm_id=algorithm)
+        _segment_not_frame(group[0])
+        groups.append(group)
+    assert len(groups) == len(SEGMENTS)
+    return groups
+
+
+def _segment_not_frame(item) -> None:
+    """highdicom's Referenced Segmentation Frame names both the frame and the segment of the
+    Segmentation, and gives the single-frame source image that frame's number; the Image SOP
+    Instance Reference Macro wants one of the two (dsrdump warns otherwise), and a single-frame
+    image none: the segment alone is referenced (it is the structure the group is about), and the
+    source image without a frame number."""
+    for child in item.ContentSequence:
+        if child.get("ValueType") == "IMAGE":
+            for ref in child.ReferencedSOPSequence:
+                if "ReferencedFrameNumber" in ref:
+                    del ref.ReferencedFrameNumber
 
 
 def _ratio_group(source: pydicom.Dataset, record: Record, sop: str, model_id: str, algorithm):
