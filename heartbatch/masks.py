@@ -8,12 +8,17 @@ normalized frame as the ``boxes`` output, mapped to the film's pixels by
 :func:`heartbatch.geometry.to_pixels` (boxes) and :func:`to_grid` (the masks themselves).
 
 :func:`boxes_from_masks` is *the* implementation of "boxes from masks" of the runtime and of
-evaluation (the trainer's torch version, ``exporter.augment.boxes_from_masks``, which makes the
-training targets, is tested to give the same boxes): the heart box is the heart mask's extent, the
-thorax box the extent of both lungs together.  :func:`mask_problems` gives the review reasons the masks alone can give.
+evaluation, and of training, whose box targets are the boxes of the moved masks
+(``exporter.augment.boxes_of``): the heart box is the heart mask's extent, the thorax box the extent
+of both lungs together.  :func:`mask_problems` gives the review reasons the masks alone can give.
+:func:`encode_masks` and :func:`decode_masks` keep a row's masks small (a few KB) in the report's
+ledger, for the outlines of the HTML report and the review page.
 """
 
 from __future__ import annotations
+
+import struct
+import zlib
 
 import numpy as np
 
@@ -43,17 +48,16 @@ def _edges(profile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel first/last edge of coverage profiles ``[..., L]`` (values 0..1), normalized to
     ``[0, 1]`` of the profile's length; NaN where the profile never reaches :data:`PRESENT`.
 
-    The math of ``exporter.augment._edges`` (cumulative maximum of the coverage profile; the empty
-    mass before it first reaches full coverage is the leading edge: exact for area-sampled masks,
-    whose edge cells hold the covered fraction), made fit for a model's probabilities:
+    The cumulative maximum of the coverage profile; the empty mass before it first reaches full
+    coverage is the leading edge: exact for area-sampled masks, whose edge cells hold the covered
+    fraction.  Made fit for a model's probabilities:
 
     * **normalized by the profile's maximum**: a model's interior probabilities are 0.97 or 0.99,
       never exactly 1; without it every cell counts ``1 - 0.99`` of empty mass and the edge drifts
       by a pixel per hundred cells (2 px at 224).  Thresholding at 0.5 with a linear interpolation
       of the crossing was the other choice: it is robust but not exact on area-sampled masks (an
       edge cell covered 25 % gives the edge 0.08 px off), and the trainer's targets are area
-      sampled; the normalized coverage is exact on them and agrees with the trainer's function
-      wherever the profile reaches 1 (tested).
+      sampled; the normalized coverage is exact on them.
     * **counted from :data:`RAMP` cells before the first cell at :data:`PRESENT`** (after the
       normalization): the coverage of the edge's own partial cells counts, a faint speck or haze
       further away does not (the cumulative maximum would otherwise carry it to the edge).
@@ -209,3 +213,59 @@ def outline(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(mask, 1, constant_values=False)
     inner = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
     return mask & ~inner
+
+
+# --- kept with the row ---------------------------------------------------------------------------
+
+#: The stored form's header: a tag, then the grid's channels, rows and columns (big-endian).
+STORED = struct.Struct(">4sBHH")
+STORED_TAG = b"HBM1"
+#: The longest side of the grid kept with a row: a model's masks come at stride 4 (56 cells at
+#: S = 224, 128 at S = 512) and are kept as they are; a finer grid is area-averaged down to this, so
+#: that a row's masks stay a few KB (outlines on a 1024-pixel film need no more).
+STORED_SIDE = 128
+
+
+def _area_weights(n: int, m: int) -> np.ndarray:
+    """``[m, n]`` weights: each of ``m`` target cells the mean of the ``n`` source cells under its
+    extent (both grids span the same film)."""
+    step = n / m
+    lo = (np.arange(m) * step)[:, None]
+    cells = np.arange(n)[None]
+    overlap = np.clip(np.minimum(lo + step, cells + 1) - np.maximum(lo, cells), 0.0, None)
+    return overlap / step
+
+
+def encode_masks(masks: np.ndarray) -> bytes:
+    """One image's ``[C, H, W]`` probabilities -> compact bytes to keep with its row (the ledger):
+    a header (:data:`STORED`), then the probabilities as 0-255 steps, zlib-compressed. A model's
+    masks are mostly 0 or 1, so a 56 x 56 grid takes 1-2 KB. A grid finer than :data:`STORED_SIDE`
+    is area-averaged down to it first (the same normalized frame: the grid spans the whole film)."""
+    masks = np.clip(np.nan_to_num(np.asarray(masks, dtype=np.float64), nan=0.0), 0.0, 1.0)
+    if masks.ndim != 3 or masks.shape[0] > 255:
+        raise ValueError(f"masks must be [C, H, W], not {list(masks.shape)}")
+    channels, rows, columns = masks.shape
+    scale = STORED_SIDE / max(rows, columns)
+    if scale < 1:
+        rows, columns = max(1, round(rows * scale)), max(1, round(columns * scale))
+        masks = np.einsum("ih,chw,jw->cij", _area_weights(masks.shape[1], rows), masks,
+                          _area_weights(masks.shape[2], columns))
+    steps = np.round(masks * 255).astype(np.uint8)
+    return STORED.pack(STORED_TAG, channels, rows, columns) + zlib.compress(steps.tobytes(), 9)
+
+
+def decode_masks(data: bytes) -> np.ndarray:
+    """Bytes of :func:`encode_masks` -> float32 ``[C, H, W]`` probabilities (within 1/510 of those
+    encoded, on the grid kept). Raises ValueError for bytes that are not such masks."""
+    data = bytes(data)
+    if len(data) < STORED.size or data[:4] != STORED_TAG:
+        raise ValueError("not masks stored by heartbatch (unknown header)")
+    _, channels, rows, columns = STORED.unpack_from(data)
+    expected = channels * rows * columns
+    try:  # never more than the grid holds, whatever the bytes say
+        steps = zlib.decompressobj().decompress(data[STORED.size:], expected + 1)
+    except zlib.error as exc:
+        raise ValueError(f"stored masks are damaged ({exc})") from None
+    if len(steps) != expected:
+        raise ValueError(f"stored masks are damaged ({len(steps)} values for a {channels} x {rows} x {columns} grid)")
+    return np.frombuffer(steps, dtype=np.uint8).reshape(channels, rows, columns).astype(np.float32) / np.float32(255)

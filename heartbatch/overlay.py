@@ -5,8 +5,9 @@ The display image comes from the same pixel pipeline as the model input
 (:func:`heartbatch.dicom.read_dicom`, then :func:`heartbatch.pixels.display`,
 which resizes keeping the aspect ratio); boxes come in pixels of the original
 image, from a :class:`~heartbatch.records.Record` or a report row, and are
-scaled to the display size here.  Used by `heartbatch show` and by the HTML
-report's thumbnails.
+scaled to the display size here.  A model's masks (the record's, or those the
+report's ledger keeps) are drawn as outlines.  Used by `heartbatch show`, by the
+HTML report's thumbnails and by the review page's outline layer.
 """
 
 from __future__ import annotations
@@ -136,12 +137,12 @@ def draw_marks(image: Image.Image, rows: int, columns: int, marks: Marks, note: 
     draw = ImageDraw.Draw(image)
     w, h = image.size
     sx, sy = w / columns, h / rows
-    line = max(2, round(max(w, h) / 200))
+    line = _line_width(w, h)
     font = _font(max(11, round(max(w, h) / 32)))
     small = _font(max(10, round(max(w, h) / 45)))
     labels = max(w, h) >= 400   # thumbnails carry the numbers in their caption
     if marks.masks is not None:
-        draw_outlines(image, marks.masks, max(1, line // 2))
+        draw_outlines(image, marks.masks, outline_width(w, h))
     for box, color in ((marks.thorax, THORAX), (marks.heart, HEART)):
         if box is not None:
             draw.rectangle(scale_box(box, sx, sy), outline=color, width=line)
@@ -176,22 +177,48 @@ def draw_marks(image: Image.Image, rows: int, columns: int, marks: Marks, note: 
     return image
 
 
-def draw_outlines(image: Image.Image, masks: np.ndarray, width: int = 1) -> Image.Image:
-    """The outlines of the model's masks (``[3, H, W]`` probabilities on the model input's grid)
-    on ``image``, a display image of the whole film, in place: each mask resampled to the display
-    grid as the boxes are mapped (:func:`heartbatch.masks.solid_on_grid`), its boundary ``width``
-    pixels wide."""
+def _line_width(w: int, h: int) -> int:
+    """The boxes' line width on a ``w x h`` display image."""
+    return max(2, round(max(w, h) / 200))
+
+
+def outline_width(w: int, h: int) -> int:
+    """The mask outlines' width on a ``w x h`` display image: half the boxes' line, so the boxes
+    stay on top to the eye."""
+    return max(1, _line_width(w, h) // 2)
+
+
+def _outline_pixels(masks: np.ndarray, rows: int, columns: int, width: int):
+    """``(edge, colour)`` of each mask on a ``rows x columns`` display grid: the mask resampled as the
+    boxes are mapped (:func:`heartbatch.masks.solid_on_grid`), its boundary ``width`` pixels wide."""
     from .masks import outline, solid_on_grid
 
-    w, h = image.size
-    pixels = np.array(image)
-    for solid, color in zip(solid_on_grid(masks, h, w), OUTLINES):
+    for solid, color in zip(solid_on_grid(masks, rows, columns), OUTLINES):
         edge = outline(solid)
         for _ in range(width - 1):  # thicken inwards, so the outline stays inside the structure
             edge |= outline(solid & ~edge)
+        yield edge, color
+
+
+def draw_outlines(image: Image.Image, masks: np.ndarray, width: int = 1) -> Image.Image:
+    """The outlines of the model's masks (``[3, H, W]`` probabilities on the model input's grid)
+    on ``image``, a display image of the whole film, in place."""
+    w, h = image.size
+    pixels = np.array(image)
+    for edge, color in _outline_pixels(masks, h, w, width):
         pixels[edge] = color
     image.paste(Image.fromarray(pixels))
     return image
+
+
+def outline_layer(masks: np.ndarray, rows: int, columns: int) -> Image.Image:
+    """The outlines alone (the pixels :func:`draw_outlines` draws, at its width for this size) on a
+    transparent ``rows x columns`` RGBA image, to lay over a display image of the film of that size:
+    the review page shows or hides them without sending the film again."""
+    pixels = np.zeros((rows, columns, 4), np.uint8)
+    for edge, color in _outline_pixels(masks, rows, columns, outline_width(columns, rows)):
+        pixels[edge] = (*color, 255)
+    return Image.fromarray(pixels)
 
 
 def render(path: str | Path, marks: Marks, max_side: int = 256) -> Image.Image:

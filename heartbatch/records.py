@@ -40,6 +40,9 @@ class Record:
     masks: np.ndarray | None = field(default=None, compare=False, repr=False)  # ok rows of a model with masks: [3, H, W] probabilities on the model
     #                                   input's grid (heart, right lung, left lung); never in the CSV, and
     #                                   dropped before a record leaves a worker process
+    packed_masks: bytes | None = field(default=None, compare=False, repr=False)  # those masks, small
+    #                                   (heartbatch.masks.encode_masks, a few KB): what leaves the worker,
+    #                                   kept in the ledger for the outlines of the HTML report and review
 
     @property
     def ok(self) -> bool:

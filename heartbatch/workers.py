@@ -2,7 +2,8 @@
 
 :func:`prepare` turns one path into model input or a record, never an
 exception, within a time limit; :func:`measure_files` also runs the model on
-a few of them in one batch, so only small records leave the process.
+a few of them in one batch, so only small records leave the process (a model's
+masks packed to a few KB, for the ledger).
 :class:`WorkerPool` runs one of them over many files in worker processes, a
 few files per task, scheduled by :func:`heartbatch.scheduler.schedule`; a
 worker that dies (a decoder crash, the OOM killer) costs only the file that
@@ -108,9 +109,19 @@ def measure_files(paths: list[str], size: int, timeout: float | None = DEFAULT_T
     records = _measure_prepared(items, box_model, policy)
     if results is not None:
         _write_dicom_results(records, box_model.info, results)
-    for record in records:  # only small records leave the process
-        record.masks = None
+    for record in records:  # only small records leave the process: the masks packed, not the arrays
+        _pack_masks(record)
     return records
+
+
+def _pack_masks(record: Record) -> None:
+    """Replace a record's mask arrays by their packed bytes (a few KB, kept in the ledger for the
+    outlines), so that what crosses to the main process or the Dask client stays small."""
+    if record.masks is not None:
+        from .masks import encode_masks
+
+        record.packed_masks = encode_masks(record.masks)
+        record.masks = None
 
 
 def _measure_prepared(items: list[Prepared | Record], model, policy: Policy) -> list[Record]:

@@ -214,6 +214,54 @@ def test_without_matplotlib_the_page_says_so(ran, tmp_path, monkeypatch):
     assert "data:image/png;base64," not in text and len(_thumbnails(text)) == 4
 
 
+def test_thumbnails_draw_the_outlines_of_a_models_masks(tmp_path, siim_dicom, data_dir):
+    """A model with masks: the thumbnails draw the masks' outlines (kept in the ledger, here in a
+    --state folder) in their colours where the masks' boundaries fall, and the legend names them.
+    Rendered without the ledger (`report` not told the --state), the same thumbnails have none."""
+    import onnx_models as om
+    from heartbatch.masks import outline, solid_on_grid
+    from heartbatch.overlay import OUTLINES
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copyfile(siim_dicom, studies / "siim.dcm")
+    write_dicom(studies / "nonsquare.dcm", make_nonsquare(shared_png(data_dir, 6), 600, 460))
+    masks = om.ellipse_masks(56)
+    report, page, state = tmp_path / "report.csv", tmp_path / "report.html", tmp_path / "state"
+    model = om.masks_model(tmp_path / "m.onnx", masks)
+    assert cli.main(["run", str(studies), "--out", str(report), "--model", str(model), "--workers", "0",
+                     "--threads", "1", "--quiet", "--html", str(page), "--state", str(state)]) == 0
+    plain, again = tmp_path / "plain.html", tmp_path / "again.html"
+    assert cli.main(["report", str(report), "--html", str(plain)]) == 0
+    assert cli.main(["report", str(report), "--html", str(again), "--state", str(state)]) == 0
+    text, plain_text = page.read_text(encoding="utf-8"), plain.read_text(encoding="utf-8")
+    legend = re.search(r"<p class='muted legend'>(.*?)</p>", text).group(1)
+    assert re.sub("<[^>]+>", " ", legend).split(";")[1].split() == [
+        "outlines", "of", "the", "model's", "masks:", "heart", "right", "lung", "left", "lung"]
+    assert all("background:#%02x%02x%02x" % c in legend for c in OUTLINES), "each colour is in the legend"
+    assert "outlines of the model" not in plain_text
+    drawn, bare, redrawn = _thumbnails(text), _thumbnails(plain_text), _thumbnails(again.read_text(encoding="utf-8"))
+    assert sorted(drawn) == sorted(bare) == sorted(redrawn) and len(drawn) == 2
+    for path in drawn:
+        img, base = (np.asarray(t[path], dtype=np.int32) for t in (drawn, bare))
+        assert np.array_equal(img, np.asarray(redrawn[path], dtype=np.int32)), "`report --state` draws the same"
+        h, w = img.shape[:2]
+        edges = [outline(solid) for solid in solid_on_grid(masks, h, w)]
+        boxes = (base.max(axis=2) - base.min(axis=2)) > 60   # the boxes and lines, drawn over the outlines
+        for i, (edge, colour) in enumerate(zip(edges, OUTLINES)):
+            alone = edge & ~boxes & ~np.logical_or.reduce([e for j, e in enumerate(edges) if j != i])
+            near = np.abs(img[alone] - colour).max(axis=1) < 70
+            assert alone.sum() > 100 and near.mean() > 0.95, f"{path}: {near.mean():.2f} of the {colour} outline"
+            assert (np.abs(base[edge] - colour).max(axis=1) < 70).mean() < 0.05, "no outline without the masks"
+        anywhere = np.logical_or.reduce(edges)
+        padded = np.pad(anywhere, 3)
+        near_any = np.logical_or.reduce([padded[3 + dy:3 + dy + h, 3 + dx:3 + dx + w]
+                                         for dy in range(-3, 4) for dx in range(-3, 4)])
+        away = ~near_any   # JPEG blurs an outline over a few pixels
+        assert np.abs(img - base).max(axis=2)[anywhere].mean() > 60, "the thumbnails differ on the outlines"
+        assert np.abs(img - base).max(axis=2)[away].mean() < 8, "and hardly elsewhere"
+
+
 def test_report_usage_errors(tmp_path):
     assert cli.main(["report", str(tmp_path / "nope.csv")]) == 2
     other = tmp_path / "other.csv"

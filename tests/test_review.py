@@ -1,6 +1,7 @@
 """`heartbatch review` without a browser: durable decisions (a real server subprocess killed with
-SIGKILL), the review cells of a re-run, the export that heartbatch-train reads, and the server's
-safety rules.  The page itself is driven in Chromium in ``test_review_browser.py``.
+SIGKILL), the review cells of a re-run, the export that heartbatch-train reads, the outlines of a
+row's masks, and the server's safety rules.  The page itself is driven in Chromium in
+``test_review_browser.py``.
 
 Every report here is written by a real `heartbatch run` on real DICOMs (real chest films, and
 nearly black films the review rules flag)."""
@@ -8,6 +9,7 @@ nearly black films the review rules flag)."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import re
 import sqlite3
@@ -268,6 +270,66 @@ def test_only_rows_of_the_report_are_served_and_no_patient_identifiers(served, t
     assert status == 200 and headers["content-type"] == "image/png" and png[:8] == b"\x89PNG\r\n\x1a\n"
     pages = [request(url, path=p)[2] for p in ("/", "/api/state", *(f"/api/items/{i}" for i in ids(url).values()))]
     assert not any(b"HB-PATIENT" in page or b"ACC0001" in page for page in pages)
+
+
+@pytest.fixture
+def outlined(tmp_path, data_dir, intensity_model):
+    """The app over one report with a row measured by a model with masks (chest0) and one by a model
+    without (chest1): two runs on one file each."""
+    import onnx_models as om
+
+    studies = tmp_path / "studies"
+    review_studies(studies, data_dir, chests=2, dark=0)
+    report = tmp_path / "out" / "report.csv"
+    masks = om.ellipse_masks(56)
+    run(studies / "chest1.dcm", report, intensity_model)
+    run(studies / "chest0.dcm", report, om.masks_model(tmp_path / "masks.onnx", masks))
+    store = ReviewStore(report, shared=True)
+    server = make_server("127.0.0.1", 0, None)
+    server.set_app(build_app(store, Access.for_address("127.0.0.1", server.server_address[1]), "tester"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", masks
+    server.shutdown()
+    server.server_close()
+    store.close()
+
+
+def test_the_outlines_of_a_rows_masks_are_served_as_a_layer_over_its_film(outlined):
+    """A transparent PNG of the film's size with each mask's outline in its colour where the
+    mask's boundary falls on the film (the masks the ledger keeps); 404 for a row without masks."""
+    from PIL import Image
+
+    from heartbatch.masks import outline, solid_on_grid
+    from heartbatch.overlay import OUTLINES
+
+    url, masks = outlined
+    rows = ids(url)
+    details = {name: json.loads(request(url, path=f"/api/items/{i}")[2]) for name, i in rows.items()}
+    assert details["chest0.dcm"]["outlines"] == f"/outlines/{rows['chest0.dcm']}.png"
+    assert details["chest1.dcm"]["outlines"] is None, "a model without masks: no outlines"
+
+    status, headers, png = request(url, path=details["chest0.dcm"]["outlines"])
+    assert status == 200 and headers["content-type"] == "image/png"
+    layer = Image.open(io.BytesIO(png))
+    film = Image.open(io.BytesIO(request(url, path=details["chest0.dcm"]["film"])[2]))
+    assert layer.mode == "RGBA" and layer.size == film.size, "laid over the film, pixel for pixel"
+    pixels = np.asarray(layer)
+    opaque = pixels[..., 3] > 0
+    assert 0 < opaque.mean() < 0.05, "outlines only, the film shows through"
+    colours = {tuple(c) for c in pixels[opaque][:, :3]}
+    assert colours == set(OUTLINES)
+    h, w = opaque.shape
+    for edge, colour in zip((outline(s) for s in solid_on_grid(masks, h, w)), OUTLINES):
+        # the masks as kept (within 1/255) may move a cell that sits at one half; another outline may cross
+        assert (pixels[edge][:, 3] == 255).mean() > 0.98
+        assert (pixels[edge][:, :3] == colour).all(axis=1).mean() > 0.6, f"the {colour} outline on its mask's boundary"
+
+    status, _, body = request(url, path=f"/outlines/{rows['chest1.dcm']}.png")
+    assert status == 404 and b"has no masks" in body
+    assert request(url, path="/outlines/99.png")[0] == 404
+    assert request(url, path="/outlines/-1.png")[0] == 404
+    assert request(url, path=details["chest0.dcm"]["outlines"], headers={"Host": "attacker.example:80"})[0] == 421
 
 
 def test_another_address_needs_the_printed_token(measured, procs):

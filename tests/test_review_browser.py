@@ -4,7 +4,8 @@ browser is never downloaded: ``executable_path`` is the system chromium).
 A real `heartbatch run` on real DICOMs, a real server subprocess, and a person's path through the
 page: the queue first, accept with the keyboard, next, correct by dragging a box edge (the CTR
 follows the drag), reject another row with a reason.  Then the ledger, the report, the summaries
-and the exported labels must all say the same.  Chromium is required: without it this fails.
+and the exported labels must all say the same.  A row of a model with masks shows their outlines,
+hidden and shown again with O and the checkbox.  Chromium is required: without it this fails.
 """
 
 from __future__ import annotations
@@ -139,3 +140,71 @@ def test_accept_correct_and_reject_in_the_browser(tmp_path, data_dir, intensity_
     rows_px, cols_px = int(rows["chest1.dcm"]["rows"]), int(rows["chest1.dcm"]["columns"])
     assert exported["chest1.dcm"].heart[2] == pytest.approx(corrected["heart"][2] / cols_px, abs=1e-5)
     assert exported["chest1.dcm"].thorax[3] == pytest.approx(corrected["thorax"][3] / rows_px, abs=1e-5)
+
+
+def pink_pixels(page) -> int:
+    """Pixels of the heart outline's colour in the film area's screenshot (the film is grey, the
+    heart box red)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    shot = np.asarray(Image.open(io.BytesIO(page.locator("#stage").screenshot())).convert("RGB"), dtype=np.int32)
+    r, g, b = shot[..., 0], shot[..., 1], shot[..., 2]
+    return int(((r > 200) & (g > 40) & (g < 130) & (b > 120) & (b < 220)).sum())
+
+
+def test_mask_outlines_over_the_film_toggle_with_o_and_the_boxes_stay_draggable(tmp_path, data_dir, intensity_model,
+                                                                               procs, browser):
+    """A row of a model with masks shows their outlines over the film; O and the checkbox hide and
+    show them; a box edge is still dragged through them. A row without masks shows none, no toggle."""
+    import onnx_models as om
+
+    studies = tmp_path / "studies"
+    review_studies(studies, data_dir, chests=2, dark=0)
+    report = tmp_path / "out" / "report.csv"
+    for film, model in (("chest1.dcm", intensity_model), ("chest0.dcm", om.masks_model(tmp_path / "m.onnx"))):
+        assert cli.main(["run", str(studies / film), "--out", str(report), "--model", str(model),
+                         "--workers", "0", "--threads", "1", "--quiet"]) == 0
+    _, url = start_review(procs, report)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1'][data-item]")
+    page.click("#others-box summary")
+
+    page.click("#others li:has-text('chest0.dcm')")
+    page.wait_for_selector("#path:has-text('chest0.dcm')")
+    row = shown_id(page)
+    page.wait_for_selector(f"body[data-film='{row}'][data-outlines-film='{row}'][data-outlines='shown']")
+    assert page.is_visible("#outlines") and page.is_visible("#outlines-control")
+    assert page.is_checked("#outlines-toggle")
+    shown = pink_pixels(page)
+    assert shown > 300, "the heart's outline is drawn over the film"
+
+    page.keyboard.press("o")
+    page.wait_for_selector("body[data-outlines='hidden']")
+    assert not page.is_visible("#outlines") and not page.is_checked("#outlines-toggle")
+    assert pink_pixels(page) < shown / 20
+    page.click("#outlines-toggle")
+    page.wait_for_selector("body[data-outlines='shown']")
+    assert page.is_visible("#outlines")
+
+    # the heart box's right edge, dragged with the outlines shown: the CTR follows
+    before = float(page.get_attribute("#ctr-now", "data-value"))
+    edge = page.locator("line.handle.x1[data-box='heart']").bounding_box()
+    x, y = edge["x"] + edge["width"] / 2, edge["y"] + edge["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x - 40, y, steps=5)
+    page.mouse.up()
+    assert float(page.get_attribute("#ctr-now", "data-value")) < before - 0.01
+
+    page.click("#others li:has-text('chest1.dcm')")
+    page.wait_for_selector("#path:has-text('chest1.dcm')")
+    page.wait_for_selector("body[data-outlines='none']")
+    assert not page.is_visible("#outlines") and not page.is_visible("#outlines-control")
+    assert not errors, errors

@@ -296,6 +296,30 @@ def test_catch_up_then_new_files_and_folders_each_once(tmp_path, chest_pngs, int
     check_flushed(out)
 
 
+def test_watch_keeps_the_masks_of_a_model_with_masks(tmp_path, chest_pngs, start_watcher):
+    """Files caught up and files arriving: each ok row's masks reach the ledger packed, as in `run`
+    (the outlines of the HTML report and the review page come from there)."""
+    import onnx_models as om
+    from heartbatch.masks import decode_masks
+
+    masks = om.ellipse_masks(56)
+    watched = tmp_path / "incoming"
+    write_chests(watched, chest_pngs, 1)
+    out = tmp_path / "report.csv"
+    w = start_watcher([watched], out, om.masks_model(tmp_path / "m.onnx", masks), settle=0.3, grace=2.0)
+    w.wait_rows(1)
+    write_chests(watched, chest_pngs, 1, start=5, prefix="new")
+    w.wait_rows(2)
+    w.stop()
+    db = sqlite3.connect(ReportFiles.of(out).state_dir / "ledger.sqlite")
+    try:
+        kept = dict(db.execute("SELECT path, masks FROM files"))
+    finally:
+        db.close()
+    assert len(kept) == 2 and all(np.abs(decode_masks(m) - masks).max() <= 1 / 255 for m in kept.values())
+    assert all(r.masks is None and r.packed_masks for _, r in w.records()), "records carry the packed masks only"
+
+
 def test_changed_file_while_watching_has_its_row_replaced_not_duplicated(tmp_path, chest_pngs, intensity_model,
                                                                          start_watcher):
     watched = tmp_path / "incoming"

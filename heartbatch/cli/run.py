@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="forget what was processed and measure every file again")
     p.add_argument("--html", type=Path, metavar="FILE",
-                   help="also write the HTML QA report (summary, CTR histogram, thumbnails with boxes) to FILE")
+                   help="also write the HTML QA report (summary, CTR histogram, thumbnails with boxes and, for a "
+                        "model with masks, their outlines) to FILE")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="run on a Dask cluster: a scheduler address (tcp://host:8786), a scheduler file (JSON), "
                         "or local:N (N worker processes started here); workers read files and model by path; "
@@ -51,7 +52,7 @@ def cmd_run(args) -> int:
     if args.html is not None:
         from ..report.html import write_html
 
-        html = write_html(args.out, args.html, args.ctr_threshold)
+        html = write_html(args.out, args.html, args.ctr_threshold, state_dir=args.state)
     total = result.processed + result.unchanged
     if args.quiet:
         print(json.dumps({"report": str(result.report), "summary_json": str(result.summary_json),

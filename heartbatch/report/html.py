@@ -8,8 +8,9 @@ histogram with the threshold (matplotlib, extra ``[report]``; without it the
 page says so and shows the counts as a table), thumbnails with the boxes for
 every enlarged study and a sample of the others (each DICOM is read again from
 the path in the report; a missing file gets a placeholder), and a sortable
-table of studies, those to review and the enlarged first.  Works offline from a ``file://`` URL: no
-external scripts, styles, fonts or images.
+table of studies, those to review and the enlarged first.  A row measured by a model with masks
+also has the masks' outlines drawn, from the masks the report's ledger keeps (the only thing read
+beside the CSV).  Works offline from a ``file://`` URL: no external scripts, styles, fonts or images.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .. import __version__
 from ..confidence import is_content_reason
 from ..errors import Status
 from ..files import write_atomic
+from .ledger import read_masks
+from .paths import ReportFiles
 from .summary import ctr_value, flagged as review_flagged, read_report, rejected, saved_settings, summarize
 
 SAMPLE = 12        # thumbnails of studies below the threshold
@@ -156,16 +159,23 @@ def _locate(path: str, report: Path) -> Path | None:
     return None
 
 
-def _thumbnail(row: dict, report: Path, threshold: float) -> tuple[str | None, str]:
-    """(data URI, '') or (None, why there is no picture)."""
+def _thumbnail(row: dict, report: Path, threshold: float, masks: bytes | None = None) -> tuple[str | None, str]:
+    """(data URI, '') or (None, why there is no picture); ``masks``: the row's packed masks, whose
+    outlines are drawn with the boxes."""
+    from dataclasses import replace
+
     from ..dicom import ReadError, Skipped
+    from ..masks import decode_masks
     from ..overlay import Marks, encode, render
 
     path = _locate(row["path"], report)
     if path is None:
         return None, "file not found (moved or deleted since the run)"
     try:
-        image = render(path, Marks.from_row(row, threshold), THUMB_SIDE)
+        marks = Marks.from_row(row, threshold)
+        if masks is not None:
+            marks = replace(marks, masks=decode_masks(masks))
+        image = render(path, marks, THUMB_SIDE)
     except (Skipped, ReadError) as exc:
         return None, f"cannot read it now: {exc.reason}"
     except Exception as exc:  # noqa: BLE001 - one unreadable file must not sink the report
@@ -209,7 +219,8 @@ def refused_by_content(row: dict) -> bool:
     return row["status"] == Status.SKIPPED and bool(row.get("chest_score") or is_content_reason(row["reason"]))
 
 
-def _review_queue(queue: list[dict], report: Path, threshold: float, anchors: dict, limit: int) -> str:
+def _review_queue(queue: list[dict], report: Path, threshold: float, anchors: dict, limit: int,
+                  masks: dict[str, bytes]) -> str:
     """Every flagged measurement, then every content-check refusal: the first thing to look at."""
     n_review = sum(r["status"] == Status.OK for r in queue)
     head = (f"<h2 id='review'>Review queue: {n_review} measurements flagged for review, "
@@ -218,7 +229,7 @@ def _review_queue(queue: list[dict], report: Path, threshold: float, anchors: di
         return head + "<p class='muted'>Nothing to review.</p>"
     figures = []
     for row in queue[:limit]:
-        uri, why = _thumbnail(row, report, threshold)
+        uri, why = _thumbnail(row, report, threshold, masks.get(row["path"]))
         figures.append(_review_figure(row, uri, why, anchors[row["path"]]))
     rest = len(queue) - limit
     more = (f"<p>… and {rest} more: the rows with <code>review</code> = true, and the skipped rows, "
@@ -249,8 +260,10 @@ def _review_figure(row: dict, uri: str | None, why: str, anchor: str) -> str:
     return f"<figure class='review' id='{anchor}'>{picture}<figcaption>{caption}</figcaption></figure>"
 
 
-def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, queue_limit: int = QUEUE) -> str:
-    """The HTML text for ``report`` (a heartbatch report CSV)."""
+def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, queue_limit: int = QUEUE,
+          state_dir: Path | None = None) -> str:
+    """The HTML text for ``report`` (a heartbatch report CSV); ``state_dir``: where its ledger is,
+    when the run was given ``--state``."""
     report = Path(report)
     threshold = threshold if threshold is not None else (saved_threshold(report) or 0.5)
     summary = summarize(report, threshold)
@@ -268,17 +281,18 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, qu
     flagged = [s for s in ordered if s["enlarged"]]
     shown = flagged + _sample([s for s in ordered if not s["enlarged"]], sample)
     anchors = {s["path"]: f"img{i}" for i, s in enumerate(shown)}
+    masks, masks_note = _kept_masks(report, state_dir, [*queue_anchors, *anchors])
 
     figures = []
     for item in shown:
         row = rows[item["path"]]
-        uri, why = _thumbnail(row, report, threshold)
+        uri, why = _thumbnail(row, report, threshold, masks.get(item["path"]))
         figures.append(_figure(item, row, uri, why, anchors[item["path"]]))
 
     hist = histogram_png(np.array([ctr_value(r) for r in rows.values()
                                    if r["status"] == Status.OK and not review_flagged(r) and not rejected(r)],
                                   dtype=np.float64), threshold)
-    parts = [_header(summary, report), _review_queue(queue, report, threshold, queue_anchors, queue_limit),
+    parts = [_header(summary, report), _review_queue(queue, report, threshold, queue_anchors, queue_limit, masks),
              "<div class='top'>", _cards(summary)]
     if hist is not None:
         parts.append(f"<div><img src='{_data_uri(hist, 'image/png')}' alt='CTR histogram' width='640'></div>")
@@ -293,9 +307,7 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, qu
     else:
         parts.append(f"<h2>Images: {len(shown)} of {others} measured (no CTR: heart-only model or none "
                      f"measured)</h2>")
-    parts.append("<p class='muted legend'>Boxes:<span style='background:#ff0000'></span>heart"
-                 "<span style='background:#005aff'></span>thorax; lines: heart and thoracic widths; "
-                 "CTR = heart width / thoracic width. Enlarged studies have a red frame.</p>")
+    parts.append(_legend(bool(masks)) + masks_note)
     parts.append(f"<div class='thumbs'>{''.join(figures) or '<p>No measured images.</p>'}</div>")
     parts.append(_studies_table(summary["studies"]["review_only"] + ordered, rows, {**queue_anchors, **anchors}))
     parts.append(_not_measured(summary))
@@ -304,6 +316,34 @@ def build(report: Path, threshold: float | None = None, sample: int = SAMPLE, qu
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>heartbatch report: {_e(report.name)}</title><style>{STYLE}</style></head>"
             f"<body>\n{body}\n<script>{SCRIPT}</script></body></html>\n")
+
+
+def _kept_masks(report: Path, state_dir: Path | None, paths: list[str]) -> tuple[dict[str, bytes], str]:
+    """The packed masks the ledger keeps for the rows with a thumbnail, and a note for the page when
+    the ledger cannot be read (the thumbnails are drawn without outlines: they are an addition)."""
+    import sqlite3
+
+    state = ReportFiles.of(report, state_dir).state_dir
+    try:
+        return read_masks(state, paths), ""
+    except sqlite3.Error as exc:
+        return {}, (f"<p class='note'>Mask outlines not drawn: the report's ledger "
+                    f"{_e(state / 'ledger.sqlite')} cannot be read ({_e(exc)}).</p>")
+
+
+def _legend(outlines: bool) -> str:
+    """What the colours of the thumbnails mean; the outlines' only when a thumbnail has them."""
+    from ..masks import CHANNELS
+    from ..overlay import HEART, OUTLINES, THORAX
+
+    def swatch(colour) -> str:
+        return "<span style='background:#%02x%02x%02x'></span>" % tuple(colour)
+
+    text = f"Boxes:{swatch(HEART)}heart{swatch(THORAX)}thorax"
+    if outlines:
+        text += "; outlines of the model's masks:" + "".join(swatch(c) + name for c, name in zip(OUTLINES, CHANNELS))
+    return (f"<p class='muted legend'>{text}; lines: heart and thoracic widths; "
+            "CTR = heart width / thoracic width. Enlarged studies have a red frame.</p>")
 
 
 def _header(summary: dict, report: Path) -> str:
@@ -405,9 +445,9 @@ def _not_measured(summary: dict) -> str:
 
 
 def write_html(report: Path, out: Path, threshold: float | None = None, sample: int = SAMPLE,
-               queue_limit: int = QUEUE) -> Path:
+               queue_limit: int = QUEUE, state_dir: Path | None = None) -> Path:
     """Render ``report`` to ``out`` (written atomically) and return ``out``."""
-    text = build(report, threshold, sample, queue_limit)
+    text = build(report, threshold, sample, queue_limit, state_dir)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(out, text)

@@ -16,6 +16,11 @@ names are deterministic, so a file re-measured after a crash replaces them) are 
 row, and with ``--send-to`` the results still to send are queued in the ``outbox`` table in the
 same transaction: a row and its queued results are committed together or not at all.
 
+With a model that has masks, a measured row's masks (packed: :func:`heartbatch.masks.encode_masks`,
+a few KB) are kept in the row's ``masks`` column, committed with the row: a file measured again
+replaces them (with none, under a model without masks), an unchanged file keeps them.  The HTML
+report (:func:`read_masks`) and the review page draw their outlines.
+
 A person's reviews (`heartbatch review`) are kept in the ``reviews`` table, each decision
 appended with the fingerprint of the file it judged, and shown in the row's review cells: a
 review belongs to the film, so a re-measurement of an unchanged file (another model, threshold,
@@ -99,6 +104,7 @@ class Entry:
     settings: str
     row: str
     results: Results = Results()
+    masks: bytes | None = None   # the row's masks, packed (heartbatch.masks.encode_masks); None: none
 
 
 @dataclass
@@ -119,6 +125,35 @@ class Stored:
     path: str
     fingerprint: Fingerprint
     row: str
+
+
+def _file_columns(db: sqlite3.Connection) -> set[str]:
+    return {c[1] for c in db.execute("PRAGMA table_info(files)")}
+
+
+def read_masks(state_dir: Path, paths: Iterable[str]) -> dict[str, bytes]:
+    """The packed masks of the rows whose ``path`` cell (the report's, as written) is in ``paths``.
+
+    Read-only and without the lock, as a reader beside a writer (the HTML report of a report that a
+    review or a watcher holds); the latest row of a path wins, as in the CSV.  A report without a
+    ledger, or with one written before masks were kept, has none: an empty dict.
+    """
+    wanted = set(paths)
+    file = Path(state_dir) / "ledger.sqlite"
+    if not wanted or not file.is_file():
+        return {}
+    db = sqlite3.connect(f"{file.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        if "masks" not in _file_columns(db):
+            return {}
+        found = {}
+        for row, masks in db.execute("SELECT row, masks FROM files WHERE masks IS NOT NULL ORDER BY seq"):
+            path = next(iter(_cells(row)), None)
+            if path in wanted:
+                found[path] = bytes(masks)
+        return found
+    finally:
+        db.close()
 
 
 def _cells(row: str) -> list[str]:
@@ -176,9 +211,12 @@ class Ledger:
             );
             CREATE INDEX IF NOT EXISTS reviews_path ON reviews(path);
         """)
-        if "results" not in {c[1] for c in self._db.execute("PRAGMA table_info(files)")}:
+        if "results" not in _file_columns(self._db):
             # ledgers written before --dicom-out: their rows have no results recorded
             self._db.execute("ALTER TABLE files ADD COLUMN results TEXT NOT NULL DEFAULT ''")
+        if "masks" not in _file_columns(self._db):
+            # ledgers written before masks were kept: their rows have none (a re-measure adds them)
+            self._db.execute("ALTER TABLE files ADD COLUMN masks BLOB")
 
     # -- settings -----------------------------------------------------------
     def bind(self, columns: list[str]) -> None:
@@ -253,6 +291,16 @@ class Ledger:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
 
+    def masks(self, path: str) -> bytes | None:
+        """The packed masks kept with ``path``'s row (:func:`heartbatch.masks.decode_masks` reads
+        them); None when the row has none (a model without masks, a row not measured)."""
+        found = self._db.execute("SELECT masks FROM files WHERE path=?", (path,)).fetchone()
+        return bytes(found[0]) if found and found[0] is not None else None
+
+    def with_masks(self) -> set[str]:
+        """The keys of the rows that have masks."""
+        return {path for (path,) in self._db.execute("SELECT path FROM files WHERE masks IS NOT NULL")}
+
     # -- reviews ------------------------------------------------------------
     def columns(self) -> list[str]:
         """The report columns the ledger is bound to (empty for a new ledger)."""
@@ -326,10 +374,10 @@ class Ledger:
                 review = self._current_review(entry.path, entry.fingerprint)
                 row = entry.row if review is None else self._with_review(entry.row, review)
                 done.rows.append(row)
-                db.execute("INSERT OR REPLACE INTO files(path, size, mtime_ns, settings, row, seq, results) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                db.execute("INSERT OR REPLACE INTO files(path, size, mtime_ns, settings, row, seq, results, masks) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (entry.path, entry.fingerprint.size, entry.fingerprint.mtime_ns, entry.settings,
-                            row, seq, entry.results.dumps()))
+                            row, seq, entry.results.dumps(), entry.masks))
                 if send_to:
                     for file in sorted(entry.results.paths()):
                         db.execute("INSERT OR REPLACE INTO outbox(file, destination) VALUES (?, ?)", (file, send_to))

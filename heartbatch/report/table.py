@@ -104,13 +104,13 @@ class Report:
 
     def write(self, records: list[Record], fingerprints: dict, settings: str,
               results: list[Results] | None = None, send_to: str | None = None) -> list[str]:
-        """Commit a batch (with each row's DICOM results) to the ledger, then append it to the CSV.
-        Returns the result files that the batch superseded."""
+        """Commit a batch (with each row's DICOM results and packed masks) to the ledger, then append it
+        to the CSV.  Returns the result files that the batch superseded."""
         if not records:
             return []
         rows = [format_rows([r], self.include_patient_id) for r in records]
         results = results or [Results()] * len(records)
-        done = self.ledger.commit((Entry(key_of(r.path), fingerprints[r.path], settings, row, res)
+        done = self.ledger.commit((Entry(key_of(r.path), fingerprints[r.path], settings, row, res, r.packed_masks)
                                    for r, row, res in zip(records, rows, results)), send_to)
         self._stale |= done.replaced > 0
         self._fh.write("".join(done.rows))

@@ -1,4 +1,5 @@
-"""The review web app (Bottle): the page, its JSON API and the films, served from one report.
+"""The review web app (Bottle): the page, its JSON API, the films and the outlines of a model's
+masks (a transparent layer over the film), served from one report.
 
 Safe by default, because a film is patient data:
 
@@ -103,6 +104,7 @@ def item_detail(item: Item, include_patient_id: bool) -> dict:
         "heart": item.heart, "thorax": item.thorax, "uncertainty": _number(row.get("uncertainty", "")),
         "chest_score": _number(row.get("chest_score", "")), "review_reason": row.get("review_reason", ""),
         "enlarged": row.get("enlarged", ""), "film": f"/film/{item.index}.png",
+        "outlines": f"/outlines/{item.index}.png" if item.has_masks else None,
         "review": None if review is None else {
             "status": review.status, "heart": review.heart, "thorax": review.thorax, "ctr": review.ctr,
             "note": review.note, "reviewer": review.reviewer, "reviewed_at": review.reviewed_at},
@@ -133,6 +135,18 @@ def render_film(path: str) -> bytes:
     return buffer.getvalue()
 
 
+def render_outlines(masks, rows: int, columns: int) -> bytes:
+    """The outlines of a row's masks as a transparent PNG of the film's size in the page (that of
+    :func:`render_film`, from the row's image size: the film is not read again), drawn by the
+    code that draws them on `show`'s and the HTML report's images."""
+    from ..overlay import outline_layer
+    from ..pixels import fit
+
+    buffer = io.BytesIO()
+    outline_layer(masks, *fit(rows, columns, FILM_SIDE)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _asset(name: str) -> bytes:
     return resources.files("heartbatch.review").joinpath("static", name).read_bytes()
 
@@ -147,6 +161,13 @@ def build_app(store: ReviewStore, access: Access, reviewer: str) -> bottle.Bottl
     @functools.lru_cache(maxsize=FILM_CACHE)
     def film(index: int) -> bytes:
         return render_film(store.item(index).key)
+
+    @functools.lru_cache(maxsize=FILM_CACHE)
+    def outlines(index: int) -> bytes | None:
+        with lock:
+            item, masks = store.item(index), store.masks(index)
+        rows, columns = int(item.row.get("rows") or 0), int(item.row.get("columns") or 0)
+        return None if masks is None or not rows or not columns else render_outlines(masks, rows, columns)
 
     @app.hook("before_request")
     def guard():
@@ -219,6 +240,18 @@ def build_app(store: ReviewStore, access: Access, reviewer: str) -> bottle.Bottl
             return _refuse(404, str(exc))
         except Exception as exc:  # noqa: BLE001 - a film that cannot be read now (moved, changed)
             return _refuse(404, f"cannot read the film now: {getattr(exc, 'reason', None) or type(exc).__name__}")
+        return bottle.HTTPResponse(data, 200, {"Content-Type": "image/png"})
+
+    @app.get("/outlines/<index:int>.png")
+    def outlines_png(index: int):
+        try:
+            data = outlines(index)
+        except ReviewError as exc:
+            return _refuse(404, str(exc))
+        except ValueError as exc:  # masks the ledger cannot give back
+            return _refuse(404, f"cannot draw the outlines: {exc}")
+        if data is None:
+            return _refuse(404, "this row has no masks: the model that measured it has none")
         return bottle.HTTPResponse(data, 200, {"Content-Type": "image/png"})
 
     @app.post("/api/items/<index:int>/decision")

@@ -77,11 +77,13 @@ class Review:
 @dataclass(frozen=True)
 class Item:
     """A report row that can be reviewed (an ``ok`` row with a heart box), known by ``index``:
-    requests name rows by index, never by path.  ``key`` is the file's absolute path."""
+    requests name rows by index, never by path.  ``key`` is the file's absolute path; ``has_masks``:
+    the ledger keeps the row's masks (a model with masks measured it), whose outlines the page draws."""
     index: int
     key: str
     row: dict[str, str]
     review: Review | None = None
+    has_masks: bool = False
 
     @property
     def heart(self) -> Box | None:
@@ -182,12 +184,21 @@ class ReviewStore:
 
     def _load(self) -> list[Item]:
         reviews = {path: Review.loads(text) for path, text in self.ledger.decisions().items()}
+        with_masks = self.ledger.with_masks()
         items = []
         for stored in self.ledger.stored():
             row = _parse(stored.row, self.columns)
             if row.get("status") == Status.OK and _box(row, "heart") is not None:
-                items.append(Item(len(items), stored.path, row, reviews.get(stored.path)))
+                items.append(Item(len(items), stored.path, row, reviews.get(stored.path), stored.path in with_masks))
         return items
+
+    def masks(self, index: int):
+        """Row ``index``'s masks, float32 ``[3, H, W]`` probabilities on the model's grid, as the
+        ledger keeps them; None when the row has none."""
+        from ..masks import decode_masks
+
+        packed = self.ledger.masks(self.item(index).key)
+        return None if packed is None else decode_masks(packed)
 
     def item(self, index: int) -> Item:
         if not 0 <= index < len(self.items):

@@ -1,11 +1,13 @@
 // heartbatch review: one film at a time, its boxes drawn over it in original-image pixels (SVG viewBox),
 // edges dragged to correct them; every decision is POSTed at once and saved by the server before it answers.
+// A row measured by a model with masks also has the masks' outlines: a transparent PNG over the film, under
+// the boxes (which stay draggable), shown or hidden with O or the toolbar's checkbox.
 (function () {
   'use strict';
   var csrf = document.querySelector('meta[name="csrf-token"]').content;
   var $ = function (id) { return document.getElementById(id); };
   var SVG = 'http://www.w3.org/2000/svg';
-  var state = { items: [], current: null, boxes: null, zoom: 1, drag: null };
+  var state = { items: [], current: null, boxes: null, zoom: 1, drag: null, showOutlines: true };
 
   function api(method, url, body) {
     var options = { method: method, headers: { 'Accept': 'application/json' }, credentials: 'same-origin' };
@@ -87,6 +89,7 @@
       };
       img.onerror = function () { message('The film cannot be shown: the file cannot be read now.', true); };
       img.src = item.film;
+      loadOutlines(item);
       $('boxes').setAttribute('viewBox', '0 0 ' + item.columns + ' ' + item.rows);
       $('path').textContent = item.path;
       $('ctr-model').textContent = fmt(item.ctr) + (item.uncertainty !== null ? ' ± ' + fmt(item.uncertainty) : '');
@@ -103,6 +106,31 @@
       message('');
       document.body.dataset.item = item.id;
     }).catch(function (e) { message(e.message, true); });
+  }
+
+  function loadOutlines(item) {
+    var layer = $('outlines');
+    layer.onload = function () { document.body.dataset.outlinesFilm = item.id; };
+    layer.onerror = function () {
+      if (state.current !== item) return;
+      layer.removeAttribute('src'); showOutlines(); message('The mask outlines cannot be shown.', true);
+    };
+    if (item.outlines) layer.src = item.outlines; else layer.removeAttribute('src');
+    $('outlines-control').hidden = !item.outlines;
+    showOutlines();
+  }
+
+  // the outlines are shown when the row has them and the reviewer has not hidden them (kept from row to row)
+  function showOutlines() {
+    var c = state.current, has = !!(c && c.outlines && $('outlines').getAttribute('src'));
+    $('outlines-toggle').checked = state.showOutlines;
+    $('outlines').hidden = !(has && state.showOutlines);
+    document.body.dataset.outlines = has ? (state.showOutlines ? 'shown' : 'hidden') : 'none';
+  }
+
+  function toggleOutlines() {
+    if (!state.current || !state.current.outlines) return;
+    state.showOutlines = !state.showOutlines; showOutlines();
   }
 
   function showDecision(item) {
@@ -255,16 +283,21 @@
   $('zoom-in').addEventListener('click', function () { zoom(1.25); });
   $('zoom-out').addEventListener('click', function () { zoom(0.8); });
   $('zoom-fit').addEventListener('click', fit);
+  $('outlines-toggle').addEventListener('change', function () {
+    state.showOutlines = $('outlines-toggle').checked; showOutlines();
+  });
   $('brightness').addEventListener('input', windowing);
   $('contrast').addEventListener('input', windowing);
   $('reject-reason').addEventListener('change', function () { $('reject-other').hidden = $('reject-reason').value !== ''; });
   $('stage').addEventListener('wheel', function (e) { if (e.ctrlKey || e.metaKey) { e.preventDefault(); zoom(e.deltaY < 0 ? 1.1 : 0.9); } }, { passive: false });
   window.addEventListener('resize', function () { if (state.current) { var z = state.zoom; fit(); state.zoom = z; applyZoom(); } });
   document.addEventListener('keydown', function (e) {
-    if (e.target.tagName === 'INPUT' || e.target.tagName === 'SELECT' || e.ctrlKey || e.metaKey || e.altKey) return;
+    if ((e.target.tagName === 'INPUT' && e.target.type !== 'checkbox') || e.target.tagName === 'SELECT' ||
+        e.ctrlKey || e.metaKey || e.altKey) return;
     var k = e.key.toLowerCase();
     var actions = { a: accept, r: reject, n: function () { step(1); }, p: function () { step(-1); },
-      u: function () { $('reset').click(); }, '+': function () { zoom(1.25); }, '=': function () { zoom(1.25); },
+      u: function () { $('reset').click(); }, o: toggleOutlines,
+      '+': function () { zoom(1.25); }, '=': function () { zoom(1.25); },
       '-': function () { zoom(0.8); }, '0': fit };
     if (actions[k]) { e.preventDefault(); actions[k](); }
   });
