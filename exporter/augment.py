@@ -9,8 +9,8 @@ the affine, 1-3 of :data:`exporter.corrupt.WARD` (ECG leads and lines, haze,
 contrast, noise, resampling, JPEG, grid, AP geometry, collimation, tight crop)
 on the image and its masks together, each sample with its own numpy generator
 (seeded by the caller, e.g. from the seed, the epoch and the image key), so a
-run is reproducible.  Boxes always come from the moved masks
-(:func:`boxes_from_masks`).
+run is reproducible.  Boxes always come from the moved masks, by the runtime's
+:func:`heartbatch.masks.boxes_from_masks` (:func:`boxes_of`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from heartbatch.masks import boxes_from_masks
 
 from . import corrupt
 
@@ -58,25 +60,11 @@ def warp(images: torch.Tensor, masks: torch.Tensor, theta: torch.Tensor):
     return out[:, :1], out[:, 1:].clamp(0, 1)
 
 
-def _edges(profile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sub-pixel first/last edge of a coverage profile ``[..., S]`` (values 0..1).
-
-    The empty mass before the profile first reaches full coverage is the
-    leading edge: exact for area-sampled masks, whose edge cells hold the
-    covered fraction.
-    """
-    size = profile.shape[-1]
-    lead = (1 - torch.cummax(profile, -1).values).sum(-1)
-    trail = (1 - torch.cummax(profile.flip(-1), -1).values).sum(-1)
-    return lead / size, (size - trail) / size
-
-
-def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
-    """``[n, 2, S, S]`` soft masks -> ``[n, 8]`` normalized boxes (heart, thorax)."""
-    x0, x1 = _edges(masks.amax(dim=2))   # column profile
-    y0, y1 = _edges(masks.amax(dim=3))   # row profile
-    boxes = torch.stack([x0, y0, x1, y1], -1)  # [n, 2, 4]
-    return boxes.reshape(len(masks), 8)
+def boxes_of(masks: torch.Tensor) -> torch.Tensor:
+    """``[n, 3, S, S]`` moved masks -> ``[n, 8]`` normalized boxes, by the runtime's own
+    :func:`heartbatch.masks.boxes_from_masks` (NaN where a warp or crop took the heart or both lungs
+    out of the image: the box loss skips those coordinates)."""
+    return torch.from_numpy(boxes_from_masks(masks.detach().cpu().numpy())).float()
 
 
 def photometric(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -130,4 +118,4 @@ def augment_batch(images, masks, cfg: AugmentConfig, gen: torch.Generator, rngs=
         images, masks = ward_batch(images, masks, cfg.ward, rngs)
     theta = random_affine(len(images), cfg, gen)
     images, masks = warp(images, masks, theta)
-    return photometric(images, cfg, gen), masks, boxes_from_masks(masks)
+    return photometric(images, cfg, gen), masks, boxes_of(masks)

@@ -75,6 +75,7 @@ class NetworkSpec:
     outputs: int
     mean: float
     std: float
+    mask_head: bool = False
 
 
 def network_spec(ckpt: dict, path: Path) -> NetworkSpec:
@@ -85,14 +86,14 @@ def network_spec(ckpt: dict, path: Path) -> NetworkSpec:
     try:
         cfg, _ = ckpt["config"], ckpt["model"]
         return NetworkSpec(size=int(cfg["size"]), outputs=int(cfg.get("outputs", 8)),
-                           mean=float(cfg["mean"]), std=float(cfg["std"]))
+                           mean=float(cfg["mean"]), std=float(cfg["std"]), mask_head=bool(cfg.get("mask_head", False)))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: incomplete {CHECKPOINT_FORMAT} checkpoint (missing {exc})") from None
 
 
 def network(ckpt: dict, spec: NetworkSpec, path: Path) -> HeartBoxNet:
     """The trained network (normalization inside), in train mode as built."""
-    model = HeartBoxNet(outputs=spec.outputs, mean=spec.mean, std=spec.std)
+    model = HeartBoxNet(outputs=spec.outputs, mean=spec.mean, std=spec.std, mask_head=spec.mask_head)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -116,7 +117,8 @@ def restore(state: dict, model, optimizer, scheduler, averaged, gen: torch.Gener
 
 def config(args, mean: float, std: float, train_images: int, val_images: int) -> dict:
     """The ``config`` entry: the network's settings (what export reads) and the run's options."""
-    return {"size": args.size, "outputs": 8, "mean": mean, "std": std, "arch": ARCH,
+    return {"size": args.size, "outputs": 8, "mean": mean, "std": std, "arch": ARCH, "mask_head": args.mask_head,
+            "train_only": args.train_only,
             "data": str(args.data), "labels": args.labels, "seed": args.seed, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr,
             "augment": None if args.no_augment else {"scale": list(args.aug_scale), "rotate_deg": args.aug_rotate,

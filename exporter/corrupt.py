@@ -205,9 +205,10 @@ def tight_crop(image, masks, rng):
 
 
 def _lung_cover(masks, s: int) -> np.ndarray:
-    """Where the lungs are: the lung mask, or two ellipses where a film has no masks."""
-    if masks is not None and masks.shape[0] > 1 and masks[1].max() > 0:
-        return masks[1]
+    """Where the lungs are: the lung masks (channels 1 and 2, right and left lung), or two ellipses
+    where a film has no masks."""
+    if masks is not None and masks.shape[0] > 1 and masks[1:].max() > 0:
+        return masks[1:].max(0)
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
     return np.clip(sum(1.0 - ((xx - cx) / 0.18) ** 2 - ((yy - 0.5) / 0.3) ** 2 > 0 for cx in (0.3, 0.7)), 0, 1)
 

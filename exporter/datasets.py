@@ -1,9 +1,9 @@
 """Labeled images as in-memory tensors at the model's input size.
 
 Images go through :func:`heartbatch.pixels.preprocess`, the runtime's one
-preprocessing implementation.  Every sample also gets two soft masks (heart,
-lungs) at the same size: the real masks where the data set has them, filled
-boxes otherwise.  Augmentation warps image and masks together and recomputes
+preprocessing implementation.  Every sample also gets three soft masks (heart,
+right lung, left lung: the channels of :mod:`heartbatch.masks`) at the same size: the real masks
+where the data set has them, filled boxes otherwise (the thorax box in both lung channels).  Augmentation warps image and masks together and recomputes
 the boxes from the warped masks, so labels stay exact under rotation.
 """
 
@@ -25,7 +25,7 @@ from heartbatch.pixels import preprocess, resize
 @dataclass
 class TensorDataset:
     images: torch.Tensor      # [N, 1, S, S] in [0, 1]
-    masks: torch.Tensor       # [N, 2, S, S] soft coverage: heart, lungs
+    masks: torch.Tensor       # [N, 3, S, S] soft coverage: heart, right lung, left lung
     boxes: torch.Tensor       # [N, 8] normalized; thorax NaN when unknown
     real_masks: torch.Tensor  # [N] bool: masks are segmentations, not filled boxes
     expert_ctr: torch.Tensor  # [N], NaN when unknown
@@ -68,10 +68,15 @@ def _soft_mask(path: Path, size: int) -> np.ndarray:
 def _sample_masks(item: LabeledImage, size: int) -> tuple[np.ndarray, bool]:
     paths = item.mask_paths
     if paths.get("heart") and paths.get("left_lung") and paths.get("right_lung"):
-        heart = _soft_mask(paths["heart"], size)
-        lungs = np.maximum(_soft_mask(paths["left_lung"], size), _soft_mask(paths["right_lung"], size))
-        return np.stack([heart, lungs]), True
-    return np.stack([box_mask(item.heart, size), box_mask(item.thorax, size)]), False
+        return np.stack([_soft_mask(paths[name], size) for name in ("heart", "right_lung", "left_lung")]), True
+    thorax = box_mask(item.thorax, size)
+    return np.stack([box_mask(item.heart, size), thorax, thorax]), False
+
+
+def heart_and_lungs(masks: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, S, S]`` (heart, right lung, left lung) -> ``[N, 2, S, S]`` (heart, both lungs): the
+    targets of the training-only stride-8 mask head."""
+    return torch.stack([masks[:, 0], masks[:, 1:].amax(1)], 1)
 
 
 def build_dataset(items: list[LabeledImage], size: int, progress=None) -> TensorDataset:

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from heartbatch.masks import boxes_from_masks
 from heartbatch.metrics import REFERENCE_SIZE, box_metrics
 
 from . import checkpoint, corrupt
 from .augment import AugmentConfig, augment_batch, consistency_views
-from .datasets import TensorDataset
+from .datasets import TensorDataset, heart_and_lungs
 
 SMOOTH_L1_BETA_PX = 2.0
 WIDTH_WEIGHT = 1.0
@@ -66,10 +67,23 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, iou_weight: float = 0.0) 
 
 
 def seg_loss(logits: torch.Tensor, masks: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """BCE against the masks' coverage on the logits' grid (area averages: what the runtime reads
+    sub-pixel edges from), for the samples with real masks.  Three channels (the exported mask
+    head) also get a soft Dice term, so that the small heart weighs as much as the lungs; two
+    (the training-only head) take the heart and both lungs together."""
     if not real.any():
         return logits.sum() * 0
-    target = F.adaptive_avg_pool2d(masks[real], logits.shape[-2:])
-    return F.binary_cross_entropy_with_logits(logits[real], target)
+    masks = masks[real]
+    if logits.shape[1] == 2 and masks.shape[1] == 3:
+        masks = heart_and_lungs(masks)
+    target = F.adaptive_avg_pool2d(masks, logits.shape[-2:])
+    loss = F.binary_cross_entropy_with_logits(logits[real], target)
+    if logits.shape[1] == 3:
+        prob = torch.sigmoid(logits[real])
+        overlap = (prob * target).sum((2, 3))
+        dice = (2 * overlap + 1) / (prob.sum((2, 3)) + target.sum((2, 3)) + 1)
+        loss = loss + (1 - dice).mean()
+    return loss
 
 
 def iterate_batches(n: int, batch_size: int, gen: torch.Generator, shuffle: bool):
@@ -106,13 +120,43 @@ def unlabeled_batches(unlabeled: Unlabeled, steps: int, gen: torch.Generator):
 
 
 @torch.no_grad()
-def _targets(model, images: torch.Tensor) -> torch.Tensor:
+def _targets(model, images: torch.Tensor, train_only: str | None = None) -> torch.Tensor:
     """The network's boxes on the weak view, in eval mode: a target that moves with training but
     takes no gradient (and leaves the BatchNorm statistics alone)."""
     model.eval()
-    out = model(images)
-    model.train()
+    out = boxes_only(model(images))
+    set_train_mode(model, train_only)
     return out
+
+
+def boxes_only(out) -> torch.Tensor:
+    """The boxes of a forward pass (a mask head's network also returns its masks)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+TRAIN_ONLY = ("masks",)
+
+
+def set_train_mode(model, train_only: str | None) -> None:
+    """Training mode for the part being trained; with ``train_only="masks"`` every other module stays in
+    eval mode, so that the frozen network's BatchNorm statistics stay those it was trained with."""
+    model.train()
+    if train_only == "masks":
+        for name, module in model.named_children():
+            if name != "decoder":
+                module.eval()
+
+
+def trainable_parameters(model, train_only: str | None) -> list:
+    """What the optimizer steps: everything, or only the mask decoder (the rest frozen)."""
+    if train_only is None:
+        return list(model.parameters())
+    if train_only != "masks" or not getattr(model, "has_masks", False):
+        raise ValueError(f"--train-only {train_only}: the network has no mask head to train")
+    trained = set(map(id, model.mask_parameters()))
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+    return model.mask_parameters()
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -123,15 +167,16 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch.Generator,
                     batch_size: int, device: torch.device, augment: AugmentConfig | None,
                     on_step=None, iou_weight: float = 0.0, epoch: int = 0, seed: int = 0,
-                    unlabeled: Unlabeled | None = None) -> dict:
+                    unlabeled: Unlabeled | None = None, train_only: str | None = None) -> dict:
     """One pass over ``data``; mean losses.  A batch whose loss is not finite raises
     :class:`NonFiniteLoss` before the optimizer or the scheduler steps on it.  With
     ``augment.ward`` > 0, each sample's ward corruptions come from a numpy generator
     fixed by (``seed``, ``epoch``, its key): the same films every run, resumed or not.
     With ``unlabeled`` films, each step also trains their corrupted views towards the
     network's boxes on their plain views, in the same forward pass as the labeled batch (so
-    BatchNorm sees both kinds of film together)."""
-    model.train()
+    BatchNorm sees both kinds of film together).  ``train_only="masks"``: only the mask decoder
+    learns (:func:`set_train_mode`)."""
+    set_train_mode(model, train_only)
     totals = {"loss": 0.0, "box": 0.0, "seg": 0.0}
     if unlabeled is not None:
         totals["consistency"] = 0.0
@@ -151,7 +196,7 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
             films = next(extra)
             rngs = [corrupt.seeded(seed, "consistency", epoch, unlabeled.keys[i]) for i in films.tolist()]
             weak, strong = consistency_views(unlabeled.images[films], augment or AugmentConfig(), gen, rngs)
-            target = _targets(model, weak.to(device))
+            target = _targets(model, weak.to(device), train_only)
             images = torch.cat([images, strong.to(device)])
         pred, seg_logits = model.forward_train(images)
         labeled = len(idx)
@@ -182,18 +227,21 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
 
 
 @torch.no_grad()
-def recompute_batchnorm(model, data: TensorDataset, batch_size: int, device: torch.device) -> None:
+def recompute_batchnorm(model, data: TensorDataset, batch_size: int, device: torch.device,
+                        only_masks: bool = False) -> None:
     """Set BatchNorm statistics to exact averages over ``data`` (unaugmented).
 
     Averaged weights were never run forward, so the running statistics
-    collected while training belong to none of them.
+    collected while training belong to none of them.  ``only_masks``: the mask decoder's alone
+    (the rest was frozen and keeps its own).
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    part = model.decoder if only_masks else model
+    norms = [m for m in part.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
-    model.train()
+    set_train_mode(model, "masks" if only_masks else None)
     for start in range(0, len(data), batch_size):
         model(data.images[start:start + batch_size].to(device))
     for m, momentum in zip(norms, saved):
@@ -202,16 +250,30 @@ def recompute_batchnorm(model, data: TensorDataset, batch_size: int, device: tor
 
 
 @torch.no_grad()
-def predict(model, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+def predict(model, images: torch.Tensor, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+    """(regressed boxes ``[N, 8]``, mask probabilities ``[N, 3, H, W]`` or None without a mask head)."""
     model.eval()
-    out = [model(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy()
+    boxes, masks = [], []
+    for i in range(0, len(images), batch_size):
+        out = model(images[i:i + batch_size].to(device))
+        boxes.append(boxes_only(out).cpu())
+        if isinstance(out, tuple):
+            masks.append(out[1].cpu())
+    return torch.cat(boxes).numpy(), (torch.cat(masks).numpy() if masks else None)
 
 
 def evaluate(model, data: TensorDataset, batch_size: int, device: torch.device,
              threshold: float = 0.5) -> dict:
-    pred = predict(model, data.images, batch_size, device)
-    return box_metrics(pred, data.boxes.numpy(), threshold, data.expert_ctr.numpy())
+    """Box metrics of what the runtime would measure: the masks' boxes with a mask head (then the
+    regressed boxes' metrics under ``"regressed"``, to compare), else the regressed boxes."""
+    pred, masks = predict(model, data.images, batch_size, device)
+    truth, expert = data.boxes.numpy(), data.expert_ctr.numpy()
+    if masks is None:
+        return box_metrics(pred, truth, threshold, expert)
+    measured = boxes_from_masks(masks)
+    measured = np.where(np.isfinite(measured), measured, pred)  # a missing structure: the regressed box
+    return {**box_metrics(measured, truth, threshold, expert), "regressed": box_metrics(pred, truth, threshold, expert),
+            "mask_missing": int((~np.isfinite(boxes_from_masks(masks))).any(1).sum())}
 
 
 def score(metrics: dict) -> float:
@@ -240,6 +302,7 @@ class Plan:
     average_from: int = 0  # K > 0: from epoch K on, lr held at average_lr and the weights averaged
     average_lr: float = 1e-4
     unlabeled: Unlabeled | None = None  # real films without labels, for consistency training
+    train_only: str | None = None  # "masks": train the mask decoder alone, the rest frozen
 
 
 @dataclass
@@ -260,7 +323,8 @@ class Run:
 def start(model, plan: Plan, train_size: int) -> Run:
     """AdamW with one learning-rate cycle over the epochs before the averaging phase (none when
     it starts at once), and the weight average when there is that phase."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model, plan.train_only), lr=plan.lr,
+                                  weight_decay=plan.weight_decay)
     cycle_epochs = plan.average_from - 1 if plan.average_from > 0 else plan.epochs
     steps = steps_per_epoch(train_size, plan.batch_size)
     scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=plan.lr, pct_start=0.05,
@@ -292,7 +356,8 @@ def fit(run: Run, plan: Plan, train_data: TensorDataset, val_data: TensorDataset
                 f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
                 f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f}"
                 f"  agree {metrics.get('ctr_agreement', {}).get('accuracy', math.nan):.3f}"
-                + (f"  ward consistency {losses['consistency']:.3f}" if "consistency" in losses else ""))
+                + (f"  ward consistency {losses['consistency']:.3f}" if "consistency" in losses else "")
+                + _regressed(metrics))
             run.last = checkpoint.epoch_state(run.model, config, epoch, metrics, min(run.best, current),
                                               run.optimizer, run.scheduler, run.averaged, run.gen, split,
                                               time.monotonic() - started)
@@ -317,7 +382,7 @@ def run_epoch(run: Run, plan: Plan, epoch: int, train_data: TensorDataset, val_d
         losses = train_one_epoch(run.model, train_data, run.optimizer, None if averaging else run.scheduler,
                                  run.gen, plan.batch_size, plan.device, plan.augment, on_step=on_step,
                                  iou_weight=plan.iou_weight, epoch=epoch, seed=plan.seed,
-                                 unlabeled=plan.unlabeled)
+                                 unlabeled=plan.unlabeled, train_only=plan.train_only)
     except NonFiniteLoss as exc:
         exc.epoch, exc.averaging = epoch, averaging
         raise
@@ -330,10 +395,19 @@ def save_average(run: Run, plan: Plan, train_data: TensorDataset, val_data: Tens
     """Recompute BatchNorm for the averaged weights, evaluate them, save averaged.pt."""
     averaged = run.averaged
     device = next(averaged.parameters()).device
-    recompute_batchnorm(averaged.module, train_data, plan.batch_size, device)
+    recompute_batchnorm(averaged.module, train_data, plan.batch_size, device, only_masks=plan.train_only == "masks")
     metrics = evaluate(averaged.module, val_data, plan.batch_size, device)
     state = checkpoint.averaged_state(run.last, averaged.module, metrics, int(averaged.n_averaged.item()))
     checkpoint.save(state, plan.out / "averaged.pt")
     console.print(f"averaged {state['averaged_epochs']} epochs: heart IoU {metrics['heart_iou_mean']:.3f}"
                   f"  {metrics['heart_mae_px224']:.2f}px  thorax IoU {metrics.get('thorax_iou_mean', math.nan):.3f}"
-                  f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f} -> {plan.out / 'averaged.pt'}")
+                  f"  CTR MAE {metrics.get('ctr_mae', math.nan):.4f}{_regressed(metrics)} -> {plan.out / 'averaged.pt'}")
+
+
+def _regressed(metrics: dict) -> str:
+    """With a mask head the metrics are the masks' boxes': the regressed boxes' beside them."""
+    other = metrics.get("regressed")
+    if not other:
+        return ""
+    return (f"  (from masks; regressed: heart IoU {other['heart_iou_mean']:.3f}"
+            f"  CTR MAE {other.get('ctr_mae', math.nan):.4f})")

@@ -189,11 +189,12 @@ def export(model: nn.Module, size: int, meta: dict[str, str], out: Path, opset: 
     """TorchScript exporter: simple, mature, and keeps the batch axis symbolic."""
     model.eval()
     example = torch.rand(2, 1, size, size)  # batch 2 so no size-1 shape gets specialised
+    outputs = [C.OUTPUT_NAME] + ([C.MASKS] if getattr(model, "has_masks", False) else [])
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter
-        torch.onnx.export(model, (example,), buf, input_names=[C.INPUT_NAME], output_names=[C.OUTPUT_NAME],
-                          dynamic_axes={C.INPUT_NAME: {0: "batch"}, C.OUTPUT_NAME: {0: "batch"}},
+        torch.onnx.export(model, (example,), buf, input_names=[C.INPUT_NAME], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in [C.INPUT_NAME, *outputs]},
                           opset_version=opset, dynamo=False)
     proto = onnx.load_from_string(buf.getvalue())
     # the tracer leaves the coordinate axis symbolic; the contract fixes it
@@ -215,13 +216,15 @@ def parity(model: nn.Module, out: Path, size: int) -> float:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.rand(3, 1, size, size, generator=gen), torch.full((1, 1, size, size), 0.5)]
     worst = 0.0
+    names = [o.name for o in session.get_outputs()]
     for x in batches:
         with torch.no_grad():
-            expected = model(x).numpy()
-        (got,) = session.run([C.OUTPUT_NAME], {C.INPUT_NAME: x.numpy()})
-        if got.shape != expected.shape:
-            raise AssertionError(f"onnxruntime gave shape {got.shape}, torch {expected.shape}")
-        worst = max(worst, float(np.abs(got - expected).max()))
+            out = model(x)
+        for expected, got in zip(out if isinstance(out, tuple) else (out,), session.run(names, {C.INPUT_NAME: x.numpy()})):
+            expected = expected.numpy()
+            if got.shape != expected.shape:
+                raise AssertionError(f"onnxruntime gave shape {got.shape}, torch {expected.shape}")
+            worst = max(worst, float(np.abs(got - expected).max()))
     return worst
 
 
@@ -241,6 +244,8 @@ def ensemble(loaded: list[tuple[nn.Module, int, dict[str, str], bool]], paths: l
     """One graph averaging several trainer networks; the metadata names every member."""
     if any(legacy for *_, legacy in loaded):
         raise ExportError("an ensemble takes heartbatch checkpoints only, not the original project's")
+    if any(getattr(m, "has_masks", False) for m, *_ in loaded):
+        raise ExportError("an ensemble averages boxes only; export a network with a mask head on its own")
     (first, size, meta, _), *rest = loaded
     for (model, other_size, _, _), path in zip(rest, paths[1:]):
         if (other_size, model.outputs) != (size, first.outputs):
@@ -267,6 +272,8 @@ def main(argv=None) -> int:
         if args.tta_shift:
             if legacy:
                 raise ExportError("--tta-shift applies to heartbatch checkpoints only")
+            if model.has_masks:
+                raise ExportError("--tta-shift averages boxes only; not with a mask head")
             model = ShiftAveraged(model.eval(), size, args.tta_shift)
             meta[C.META_PREPROCESSING] += f"; in-graph average over shifts of 0, +-{args.tta_shift} px in x and y"
     except (ExportError, CheckpointError) as exc:

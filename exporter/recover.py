@@ -35,7 +35,7 @@ from onnx import numpy_helper
 from heartbatch.labels import LabelError, SplitError, load_labels, read_split
 
 from . import checkpoint
-from .datasets import build_dataset
+from .datasets import build_dataset, heart_and_lungs
 from .engine import evaluate
 from .net import HeartBoxNet
 from .surgery import SurgeryError, input_size
@@ -118,7 +118,7 @@ def folded_weights(model_path: Path) -> tuple[dict[str, tuple[np.ndarray, np.nda
 
 def rebuild(model_path: Path, images: torch.Tensor, masks: torch.Tensor) -> HeartBoxNet:
     """The network of ``model_path`` with BatchNorm unfolded on ``images`` and the mask head fitted
-    to ``masks`` (``[N, 2, S, S]``); in eval mode."""
+    to ``masks`` (``[N, 3, S, S]``: heart, right lung, left lung, as the data sets hold them); in eval mode."""
     convs, mean, std = folded_weights(model_path)
     model = HeartBoxNet(mean=mean, std=std).eval()
     modules = dict(model.named_modules())
@@ -181,10 +181,11 @@ def _input_statistics(model: HeartBoxNet, norms: list, images: torch.Tensor) -> 
 
 
 def fit_segment_head(model: HeartBoxNet, images: torch.Tensor, masks: torch.Tensor, steps: int = SEG_FIT_STEPS) -> float:
-    """The 1x1 mask head by full-batch Adam on the frozen features; its final BCE."""
+    """The training-only 1x1 mask head (heart, both lungs) by full-batch Adam on the frozen features;
+    its final BCE."""
     with torch.no_grad():
         feats = torch.cat([model.features(images[i:i + STAT_BATCH]) for i in range(0, len(images), STAT_BATCH)])
-        target = F.adaptive_avg_pool2d(masks, feats.shape[-2:])
+        target = F.adaptive_avg_pool2d(heart_and_lungs(masks), feats.shape[-2:])
     optimizer = torch.optim.Adam(model.segment.parameters(), lr=0.05)
     for _ in range(steps):
         loss = F.binary_cross_entropy_with_logits(model.segment(feats), target)

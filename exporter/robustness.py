@@ -30,12 +30,12 @@ import torch
 from heartbatch.confidence import Policy
 from heartbatch.dicom import DicomHeader
 from heartbatch.labels import LabelError, SplitError, load_labels, read_split
+from heartbatch.masks import boxes_from_masks
 from heartbatch.metrics import ctrs
 from heartbatch.model import BoxModel, ContractError
 from heartbatch.records import measure
 
 from . import corrupt
-from .augment import boxes_from_masks
 from .datasets import build_dataset
 from .ward import patient_split, read_ward
 
@@ -53,7 +53,7 @@ def corrupted(images: np.ndarray, masks: np.ndarray, keys: list[str], kind: str,
             image, mask = corrupt.WARD[kind](image, mask, rng)
         out_images.append(image)
         out_masks.append(mask)
-    boxes = boxes_from_masks(torch.from_numpy(np.stack(out_masks)).float()).numpy()
+    boxes = boxes_from_masks(np.stack(out_masks))
     return np.stack(out_images), boxes
 
 

@@ -37,10 +37,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from heartbatch.images import load_image
 from heartbatch.labels import LabelError, load_labels, read_split
+from heartbatch.masks import boxes_from_masks
 from heartbatch.pixels import preprocess
 
 from . import checkpoint, corrupt, engine
-from .augment import AugmentConfig, augment_batch, boxes_from_masks
+from .augment import AugmentConfig, augment_batch
 from .checkpoint import CheckpointError
 from .datasets import TensorDataset, build_dataset, holdout_split, load_or_make_split, source_of, split_keys
 from .engine import NonFiniteLoss
@@ -106,6 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="more labeled films, always trained on (never validated on): a box CSV (path, heart and "
                         "thorax box in pixels), e.g. what `heartbatch review --export` writes of a site's reviewed "
                         "films; with --init, site adaptation. May be given more than once")
+    p.add_argument("--mask-head", action="store_true",
+                   help="add the exported mask head (heart, right lung, left lung at stride 4: the model's optional "
+                        "masks output, which the runtime measures from), trained jointly with the boxes on the masks of "
+                        "--data; with --init from a network without one, the head starts fresh")
+    p.add_argument("--train-only", choices=engine.TRAIN_ONLY,
+                   help="train only this part, the rest of the network frozen (its BatchNorm statistics too): "
+                        "masks = the mask head on an --init network, whose boxes stay exactly as they were")
     p.add_argument("--iou-weight", type=float, default=0.0,
                    help="add this weight x (1 - heart box IoU) to the loss (default 0: coordinates only)")
     p.add_argument("--average-from", type=int, default=0, metavar="K",
@@ -133,6 +141,8 @@ def usage_error(args) -> str | None:
         return f"--ward is a probability per sample, from 0 to 1 (got {args.ward:g})"
     if args.ward > 0 and args.no_augment:
         return "--ward is an augmentation: not with --no-augment"
+    if args.train_only == "masks" and not (args.mask_head and (args.init or args.resume)):
+        return "--train-only masks trains the mask head of an existing network: give --mask-head and --init"
     if args.ward_films is not None and (args.ward_films_weight <= 0 or args.ward_films_per_step < 1):
         return "--ward-films needs a positive --ward-films-weight and --ward-films-per-step"
     return None
@@ -164,10 +174,10 @@ def _tile(image: np.ndarray, masks: np.ndarray) -> Image.Image:
     size = image.shape[-1]
     tile = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).convert("RGB")
     draw = ImageDraw.Draw(tile)
-    boxes = boxes_from_masks(torch.from_numpy(np.asarray(masks, dtype=np.float32))[None])[0].numpy() * size
+    boxes = boxes_from_masks(np.asarray(masks)[None])[0] * size
     for box, colour in ((boxes[:4], (255, 40, 40)), (boxes[4:], (60, 120, 255))):
         x0, y0, x1, y1 = box
-        if x1 > x0 and y1 > y0:
+        if np.isfinite(box).all() and x1 > x0 and y1 > y0:
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=max(1, size // 224))
     return tile
 
@@ -247,7 +257,8 @@ def make_plan(args, device: torch.device, unlabeled: engine.Unlabeled | None = N
     return engine.Plan(out=args.out, epochs=args.epochs, batch_size=args.batch_size, device=device,
                        augment=None if args.no_augment else augment_config(args), lr=args.lr,
                        weight_decay=args.weight_decay, iou_weight=args.iou_weight, seed=args.seed,
-                       average_from=args.average_from, average_lr=args.average_lr, unlabeled=unlabeled)
+                       average_from=args.average_from, average_lr=args.average_lr, unlabeled=unlabeled,
+                       train_only=args.train_only)
 
 
 def _error(console, message: str, status: int) -> int:
@@ -271,9 +282,16 @@ def build_model(args, train_data: TensorDataset, val_data: TensorDataset, consol
     init = checkpoint.load(args.init, trust_pickle=True) if args.init else None
     if init is not None:
         mean, std = init["config"]["mean"], init["config"]["std"]
-    model = HeartBoxNet(mean=mean, std=std, imagenet_weights=args.imagenet_weights)
+    model = HeartBoxNet(mean=mean, std=std, imagenet_weights=args.imagenet_weights, mask_head=args.mask_head)
     if init is not None:
-        model.load_state_dict(init["model"])
+        fresh = {k for k in model.state_dict() if k.startswith("decoder.")} - set(init["model"])
+        missing, unexpected = model.load_state_dict(init["model"], strict=False)
+        if set(missing) - fresh or unexpected:
+            raise CheckpointError(f"{args.init}: weights do not fit the network (missing {sorted(set(missing) - fresh)[:4]}, "
+                                  f"unexpected {sorted(unexpected)[:4]})"
+                                  + ("; it has a mask head: add --mask-head" if any(k.startswith("decoder.") for k in unexpected) else ""))
+        if fresh:
+            console.print(f"the mask head starts fresh ({args.init} has none)")
         origin = init["config"].get("recovered_from")
         console.print(f"initialised from {args.init} "
                       + (f"(rebuilt from {origin})" if origin else f"(epoch {init['epoch'] + 1})"))

@@ -48,6 +48,24 @@ def run_outputs(session, images: list[np.ndarray], names: list[str], batch: int 
     return {n: np.concatenate(v) for n, v in chunks.items()}
 
 
+def measured_outputs(session, images: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """:func:`run_outputs` with ``boxes`` as the runtime measures them: from the ``masks`` output when
+    the model has one (:func:`heartbatch.masks.boxes_from_masks`; the regressed boxes where a mask is
+    empty, and under ``"regressed"``), so that what is calibrated is the error of what a row reports."""
+    from heartbatch import contract as C
+    from heartbatch.masks import boxes_from_masks
+
+    has_masks = C.MASKS in {o.name for o in session.get_outputs()}
+    out = run_outputs(session, images, list(dict.fromkeys([C.OUTPUT_NAME, *names]))
+                      + ([C.MASKS] if has_masks else []))
+    if has_masks:
+        regressed = out[C.OUTPUT_NAME]
+        from_masks = boxes_from_masks(out.pop(C.MASKS))
+        out["regressed"] = regressed
+        out[C.OUTPUT_NAME] = np.where(np.isfinite(from_masks).all(1, keepdims=True), from_masks, regressed)
+    return out
+
+
 def ctr_sd(boxes: np.ndarray, sd: np.ndarray) -> np.ndarray:
     """:func:`heartbatch.confidence.ctr_uncertainty` over rows."""
     from heartbatch.confidence import ctr_uncertainty
@@ -138,14 +156,15 @@ def main(argv=None) -> int:
     clean = np.array([k == "chest" for k in val.kinds])
     val_items = [by_key[k] for k in np.array(val.groups)[clean]]
     truth = np.stack([i.boxes for i in val_items])
-    pred, spread = fit["val"][C.OUTPUT_NAME][clean], fit["val"]["uncertainty"][clean]
+    clean_rows = measured_outputs(session, [i for i, c in zip(val.images, clean) if c], ["uncertainty"])
+    pred, spread = clean_rows[C.OUTPUT_NAME], clean_rows["uncertainty"]
     err = np.abs(ctrs(pred) - ctrs(truth))
     raw = ctr_sd(pred, spread)
     factor = float(np.median(err / raw) / 0.6745)
     review_uncertainty = choose_review_cut(session, films, split["val"], by_key, size, factor, args.seed + 1)
     ward_cut = None
     if ward_fit:  # real ward films spread wider where the boxes are fine (leads, haze): flag few of them
-        ward_rows = run_outputs(session, [ward[f.key] for f in ward_fit], [C.OUTPUT_NAME, "uncertainty"])
+        ward_rows = measured_outputs(session, [ward[f.key] for f in ward_fit], ["uncertainty"])
         ward_cut = float(np.quantile(ctr_sd(ward_rows[C.OUTPUT_NAME], ward_rows["uncertainty"]) * factor,
                                      1 - args.max_ward_flagged))
         review_uncertainty = max(review_uncertainty, ward_cut)
@@ -199,7 +218,7 @@ def choose_review_cut(session, films, keys, by_key, size, factor, seed, max_flag
     errors, sds = [], []
     for kind in SETS:
         x, truth = corrupted(images, masks, data.keys, kind, seed)
-        out = run_outputs(session, list(x), [C.OUTPUT_NAME, "uncertainty"])
+        out = measured_outputs(session, list(x), ["uncertainty"])
         errors.append(np.abs(ctrs(out[C.OUTPUT_NAME]) - ctrs(truth)))
         sds.append(ctr_sd(out[C.OUTPUT_NAME], out["uncertainty"]) * factor)
     err, sd = np.concatenate(errors), np.concatenate(sds)

@@ -441,7 +441,7 @@ def test_ward_flag_reaches_the_training_batches(data_dir, tmp_path, monkeypatch,
     assert train.main([*common, "--out", str(tmp_path / "a"), "--ward", "1"]) == 0
     state = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
     n_train = len(state["split"]["train"])
-    assert len(calls) == 2 * n_train and all(c[:2] == ((64, 64), (2, 64, 64)) for c in calls)
+    assert len(calls) == 2 * n_train and all(c[:2] == ((64, 64), (3, 64, 64)) for c in calls)
     assert state["config"]["ward"] == 1.0
     assert state["config"]["augment"] == {"scale": [0.9, 1.1], "rotate_deg": 7.0, "translate": 0.05}
     first = calls[:]

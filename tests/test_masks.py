@@ -1,7 +1,8 @@
 """The optional `masks` output (issue: measuring from masks): boxes from masks (exact on area-sampled
 masks, the same as the trainer's function), the contract's refusals, rows measured from the masks,
-the mask review reasons, and `run --dicom-out` writing a DICOM Segmentation per ok row that highdicom,
-dcmtk and Orthanc read and the SR references."""
+the mask review reasons, `run --dicom-out` writing a DICOM Segmentation per ok row that highdicom,
+dcmtk and Orthanc read and the SR references, and each ok row's masks kept, packed, in the report's
+ledger (for the outlines of the HTML report and the review page)."""
 
 from __future__ import annotations
 
@@ -70,24 +71,22 @@ def test_a_missing_structure_gives_nan():
     assert np.isnan(boxes[:4]).all() and np.isfinite(boxes[4:]).all()
 
 
-def test_agrees_with_the_trainers_function_on_soft_masks():
-    """`exporter.augment.boxes_from_masks` (torch, masks [n, 2, S, S]: heart, lungs) and ours on the
-    same soft masks: area-sampled ellipses, bilinearly warped as training warps them. The lead
-    switches the trainer to ours; until then they must not drift."""
+def test_the_trainer_takes_its_targets_from_this_function():
+    """One implementation: the boxes training learns (moved soft masks, bilinearly warped) are
+    :func:`boxes_from_masks` of those masks, and on them it finds the warped ellipses' extents."""
     torch = pytest.importorskip("torch")
-    from exporter.augment import AugmentConfig, boxes_from_masks as trainer_boxes, random_affine, warp
+    from exporter.augment import AugmentConfig, augment_batch
 
-    gen = torch.Generator().manual_seed(3)
     masks = np.stack([om.ellipse_masks(64, heart=(0.55 + 0.02 * i, 0.6, 0.15, 0.11)) for i in range(6)])
-    lungs = np.maximum(masks[:, 1], masks[:, 2])
-    theta = random_affine(len(masks), AugmentConfig(), gen)
     images = torch.zeros(len(masks), 1, 64, 64)
-    _, warped = warp(images, torch.from_numpy(np.concatenate([masks, lungs[:, None]], 1)), theta)
-    warped = warped.numpy().astype(np.float64)
-    ours = boxes_from_masks(warped[:, :3])
-    theirs = trainer_boxes(torch.from_numpy(np.stack([warped[:, 0], np.maximum(warped[:, 1], warped[:, 2])], 1)))
-    # where the profiles reach full coverage, the same math; the union lungs warped = warped union lungs
-    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-6)
+    cfg = AugmentConfig(noise=0.0)
+    _, moved, boxes = augment_batch(images, torch.from_numpy(masks), cfg, torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(boxes.numpy(), boxes_from_masks(moved.numpy()).astype(np.float32))
+    # each box holds its warped mask's half-coverage region, to within the blur of one cell
+    for box, warped in zip(boxes.numpy(), moved.numpy()):
+        ys, xs = np.nonzero(warped[0] >= 0.5)
+        inner = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / 64
+        assert np.all(np.abs(box[:4] - inner) <= 1.5 / 64)
 
 
 # --- regions and review reasons -----------------------------------------------------------------
@@ -314,3 +313,120 @@ def test_show_draws_the_mask_outlines_where_the_masks_are(tmp_path, capsys, siim
     edge = outline(solid_on_grid(masks, h, w)[1])
     assert (plain[edge] != drawn[edge]).any(axis=1).mean() > 0.5
     assert not any((plain == np.array(c)).all(axis=2).any() for c in OUTLINES)
+
+
+# --- masks kept with the row (ledger) -------------------------------------------------------------
+
+def test_encoded_masks_round_trip_within_one_step_and_stay_small():
+    from heartbatch.masks import decode_masks, encode_masks
+
+    rng = np.random.default_rng(5)
+    for masks in (om.ellipse_masks(56), rng.random((3, 40, 30)).astype(np.float32)):
+        back = decode_masks(encode_masks(masks))
+        assert back.dtype == np.float32 and back.shape == masks.shape
+        assert np.abs(back - masks).max() <= 1 / 255
+    assert len(encode_masks(om.ellipse_masks(56))) < 2048, "a 56 x 56 model grid in under 2 KB"
+    # a grid finer than the one kept is averaged down over the same film: the same boxes, to a fraction of a cell
+    fine = om.ellipse_masks(224)
+    kept = decode_masks(encode_masks(fine))
+    assert kept.shape == (3, 128, 128) and len(encode_masks(fine)) < 4096
+    np.testing.assert_allclose(boxes_from_masks(kept[None]), boxes_from_masks(fine[None]), atol=0.25 / 128)
+    for damaged in (b"", b"HBM1", encode_masks(fine)[:40], b"XXXX" + encode_masks(fine)[4:]):
+        with pytest.raises(ValueError, match="stored masks are damaged|not masks stored by heartbatch"):
+            decode_masks(damaged)
+
+
+def ledger_masks(report: Path) -> dict[str, bytes | None]:
+    """File name -> the packed masks its ledger row keeps (None: none), read with plain sqlite3."""
+    import sqlite3
+
+    from heartbatch.report.paths import ReportFiles
+
+    db = sqlite3.connect(ReportFiles.of(report).state_dir / "ledger.sqlite")
+    try:
+        return {Path(path).name: masks for path, masks in db.execute("SELECT path, masks FROM files")}
+    finally:
+        db.close()
+
+
+def test_a_run_keeps_the_masks_of_ok_rows_and_a_re_measure_replaces_them(tmp_path, capsys, siim_dicom, chest_pngs):
+    """ok rows keep their masks in the ledger, skipped and error rows none; an unchanged file keeps
+    them, a file measured again gets the new model's (none, from a model without masks)."""
+    from heartbatch.masks import decode_masks
+
+    masks = om.ellipse_masks(56)
+    folder = tmp_path / "studies"
+    write_chests(folder, chest_pngs, 2)
+    (folder / "siim.dcm").write_bytes(siim_dicom.read_bytes())
+    (folder / "broken.dcm").write_bytes(siim_dicom.read_bytes()[:3000])   # truncated: an error row
+    (folder / "notes.txt").write_text("not a DICOM\n")                     # skipped
+    out = tmp_path / "report.csv"
+    code, _ = run(capsys, folder, "--out", out, "--model", om.masks_model(tmp_path / "a.onnx", masks))
+    assert code == 0
+    status = {Path(r["path"]).name: r["status"] for r in check_report(out)}
+    assert sorted(status.values()) == ["error", "ok", "ok", "ok", "skipped"]
+    kept = ledger_masks(out)
+    for name, packed in kept.items():
+        if status[name] == "ok":
+            assert np.abs(decode_masks(packed) - masks).max() <= 1 / 255, name
+        else:
+            assert packed is None, f"a {status[name]} row keeps no masks"
+
+    code, info = run(capsys, folder, "--out", out, "--model", tmp_path / "a.onnx")
+    assert code == 0 and info["processed"] == 0 and ledger_masks(out) == kept, "unchanged files keep theirs"
+
+    moved = om.ellipse_masks(56, heart=(0.52, 0.6, 0.15, 0.11))
+    code, _ = run(capsys, folder, "--out", out, "--model", om.masks_model(tmp_path / "b.onnx", moved))
+    assert code == 0
+    for name, packed in ledger_masks(out).items():
+        if status[name] == "ok":
+            assert np.abs(decode_masks(packed) - moved).max() <= 1 / 255, "measured again: the new masks"
+
+    code, _ = run(capsys, folder, "--out", out, "--model", om.constant_box_model(tmp_path / "boxes.onnx"))
+    assert code == 0
+    assert set(ledger_masks(out).values()) == {None}, "a model without masks leaves none behind"
+
+
+def test_a_ledger_of_the_previous_version_opens_and_gains_the_masks(tmp_path, capsys, siim_dicom):
+    """A ledger written before masks were kept (no `masks` column): the HTML report reads it (no
+    outlines), a run opens it, adds the column, and measures nothing again."""
+    import sqlite3
+
+    from heartbatch.report.ledger import read_masks
+    from heartbatch.report.paths import ReportFiles
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    (folder / "siim.dcm").write_bytes(siim_dicom.read_bytes())
+    out = tmp_path / "report.csv"
+    model = om.masks_model(tmp_path / "m.onnx")
+    assert run(capsys, folder, "--out", out, "--model", model)[0] == 0
+    state = ReportFiles.of(out).state_dir
+    db = sqlite3.connect(state / "ledger.sqlite")
+    db.execute("ALTER TABLE files DROP COLUMN masks")   # as the previous version wrote it
+    db.commit()
+    db.close()
+    before = out.read_bytes()
+    assert read_masks(state, [r["path"] for r in check_report(out)]) == {}
+    code, info = run(capsys, folder, "--out", out, "--model", model)
+    assert code == 0 and info["processed"] == 0 and out.read_bytes() == before
+    assert ledger_masks(out) == {"siim.dcm": None}, "the column is there; an unchanged row has none until measured"
+
+
+def test_the_dask_task_returns_the_masks_packed(tmp_path, siim_dicom, chest_pngs):
+    """`run --scheduler`'s task (called directly, as a Dask worker runs it) sends the masks packed,
+    never the arrays, so the client's session stores them as a local run does."""
+    from heartbatch.distributed import process_chunk
+    from heartbatch.masks import decode_masks
+    from heartbatch.model import ModelRef
+    from heartbatch.pipeline import RunOptions
+
+    masks = om.ellipse_masks(56)
+    model = BoxModel(om.masks_model(tmp_path / "m.onnx", masks), threads=1)
+    folder = tmp_path / "studies"
+    paths = write_chests(folder, chest_pngs, 1) + [folder / "notes.txt"]
+    paths[-1].write_text("not a DICOM\n")
+    records = process_chunk([(str(p), str(p)) for p in paths], ModelRef.of(model), RunOptions(threads=1))
+    ok, skipped = records if records[0].ok else records[::-1]
+    assert ok.ok and ok.masks is None and np.abs(decode_masks(ok.packed_masks) - masks).max() <= 1 / 255
+    assert skipped.status == "skipped" and skipped.packed_masks is None
