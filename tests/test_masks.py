@@ -430,3 +430,22 @@ def test_the_dask_task_returns_the_masks_packed(tmp_path, siim_dicom, chest_pngs
     ok, skipped = records if records[0].ok else records[::-1]
     assert ok.ok and ok.masks is None and np.abs(decode_masks(ok.packed_masks) - masks).max() <= 1 / 255
     assert skipped.status == "skipped" and skipped.packed_masks is None
+
+
+def test_the_probe_compares_masks_by_the_boxes_they_give():
+    """Fast int8 kernels round an edge cell's probability a few hundredths away from the exact
+    arithmetic (harmless: the boxes move by thousandths of a cell); saturation moves whole edges."""
+    from heartbatch.arithmetic import Probe, compare_outputs
+
+    exact = om.ellipse_masks(56)[None].astype(np.float32)
+    probe = Probe(np.zeros((1, 224, 224), np.uint8), {"masks": exact}, {})
+    edges = (exact > 0.02) & (exact < 0.98)
+    rounded = np.where(edges, np.clip(exact + 0.045, 0, 1), exact).astype(np.float32)
+    near = compare_outputs({"masks": rounded}, probe, "fused")
+    assert near.passed and near.output == "masks (their boxes)" and near.difference < 0.004
+    shifted = np.roll(exact, 2, axis=3)  # every edge two cells to the right
+    far = compare_outputs({"masks": shifted}, probe, "fused")
+    assert not far.passed and abs(far.difference - 2 / 56) < 1e-6
+    gone = exact.copy()
+    gone[:, 0] = 0.0  # the heart lost
+    assert compare_outputs({"masks": gone}, probe, "fused").difference == float("inf")
