@@ -8,6 +8,7 @@ nearly black films the review rules flag)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -226,16 +227,24 @@ def test_export_writes_reviewed_films_as_labels_that_training_reads(measured, tm
 def served(measured):
     """The app on a loopback port, in a thread of this process."""
     _, report = measured
+    with serving(report) as url:
+        yield url, report
+
+
+@contextlib.contextmanager
+def serving(report: Path):
+    """The review app over ``report`` on a loopback port, in a thread of this process: its URL."""
     store = ReviewStore(report, shared=True)
     server = make_server("127.0.0.1", 0, None)
-    access = Access.for_address("127.0.0.1", server.server_address[1])
-    server.set_app(build_app(store, access, "tester"))
+    server.set_app(build_app(store, Access.for_address("127.0.0.1", server.server_address[1]), "tester"))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", report
-    server.shutdown()
-    server.server_close()
-    store.close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        store.close()
 
 
 def test_state_changes_need_the_pages_csrf_token_and_the_same_site(served):
@@ -284,15 +293,8 @@ def outlined(tmp_path, data_dir, intensity_model):
     masks = om.ellipse_masks(56)
     run(studies / "chest1.dcm", report, intensity_model)
     run(studies / "chest0.dcm", report, om.masks_model(tmp_path / "masks.onnx", masks))
-    store = ReviewStore(report, shared=True)
-    server = make_server("127.0.0.1", 0, None)
-    server.set_app(build_app(store, Access.for_address("127.0.0.1", server.server_address[1]), "tester"))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", masks
-    server.shutdown()
-    server.server_close()
-    store.close()
+    with serving(report) as url:
+        yield url, masks
 
 
 def test_the_outlines_of_a_rows_masks_are_served_as_a_layer_over_its_film(outlined):

@@ -45,6 +45,16 @@ def shown_id(page) -> int:
     return int(page.get_attribute("body", "data-item"))
 
 
+
+def open_page(browser, url: str):
+    """A page on ``url`` and the list its script errors and console errors are collected in."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(url)
+    return page, errors
+
 def test_accept_correct_and_reject_in_the_browser(tmp_path, data_dir, intensity_model, procs, browser):
     studies = tmp_path / "studies"
     review_studies(studies, data_dir)
@@ -52,11 +62,7 @@ def test_accept_correct_and_reject_in_the_browser(tmp_path, data_dir, intensity_
     assert cli.main(["run", str(studies), "--out", str(report), "--model", str(intensity_model),
                      "--workers", "0", "--threads", "1", "--quiet"]) == 0
     _, url = start_review(procs, report, "--reviewer", "dr browser")
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.goto(url)
+    page, errors = open_page(browser, url)
 
     # the queue first: the two flagged films, the first of them open, its film decoded
     page.wait_for_selector("body[data-ready='1'][data-item]")
@@ -168,11 +174,7 @@ def test_mask_outlines_over_the_film_toggle_with_o_and_the_boxes_stay_draggable(
         assert cli.main(["run", str(studies / film), "--out", str(report), "--model", str(model),
                          "--workers", "0", "--threads", "1", "--quiet"]) == 0
     _, url = start_review(procs, report)
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.goto(url)
+    page, errors = open_page(browser, url)
     page.wait_for_selector("body[data-ready='1'][data-item]")
     page.click("#others-box summary")
 
