@@ -111,10 +111,15 @@ def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
 
 def pieces(mask: np.ndarray) -> list[int]:
     """Sizes (cells) of the 8-connected pieces of a boolean 2-D mask, largest first. Run-length
-    union-find: a lung has one or two runs per row, so this is fast in plain Python."""
+    union-find: every row's runs found at once by numpy, then joined row to row in plain Python (a
+    lung has one or two runs per row, so that loop is short; per-row numpy calls cost more than it)."""
     mask = np.asarray(mask, dtype=bool)
-    parent: list[int] = []
-    size: list[int] = []
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = mask
+    step = np.diff(padded, axis=1)
+    starts, ends = np.nonzero(step == 1), np.nonzero(step == -1)   # row-major: paired in order
+    parent = list(range(len(starts[0])))
+    size = (ends[1] - starts[1]).tolist()
 
     def find(a: int) -> int:
         while parent[a] != a:
@@ -123,22 +128,19 @@ def pieces(mask: np.ndarray) -> list[int]:
         return a
 
     previous: list[tuple[int, int, int]] = []
-    for row in mask:
-        padded = np.concatenate(([0], row.view(np.int8), [0]))
-        change = np.flatnonzero(np.diff(padded))
-        runs = []
-        for start, end in zip(change[::2], change[1::2]):
-            label = len(parent)
-            parent.append(label)
-            size.append(int(end - start))
-            for p_start, p_end, p_label in previous:
-                if p_start <= end and start <= p_end:   # touching, diagonals included (8-connected)
-                    a, b = find(label), find(p_label)
-                    if a != b:
-                        parent[b] = a
-                        size[a] += size[b]
-            runs.append((int(start), int(end), label))
-        previous = runs
+    current: list[tuple[int, int, int]] = []
+    row_of = None
+    for label, (row, start, end) in enumerate(zip(starts[0].tolist(), starts[1].tolist(), ends[1].tolist())):
+        if row != row_of:
+            previous = current if row_of is not None and row == row_of + 1 else []
+            current, row_of = [], row
+        for p_start, p_end, p_label in previous:
+            if p_start <= end and start <= p_end:   # touching, diagonals included (8-connected)
+                a, b = find(label), find(p_label)
+                if a != b:
+                    parent[b] = a
+                    size[a] += size[b]
+        current.append((start, end, label))
     return sorted((size[i] for i in range(len(parent)) if parent[i] == i), reverse=True)
 
 
@@ -224,6 +226,8 @@ STORED_TAG = b"HBM1"
 #: S = 224, 128 at S = 512) and are kept as they are; a finer grid is area-averaged down to this, so
 #: that a row's masks stay a few KB (outlines on a 1024-pixel film need no more).
 STORED_SIDE = 128
+#: zlib's level for them: 6 (its default) packs a model's masks within a few percent of 9 at half the time.
+ZLIB_LEVEL = 6
 
 
 def _area_weights(n: int, m: int) -> np.ndarray:
@@ -251,7 +255,7 @@ def encode_masks(masks: np.ndarray) -> bytes:
         masks = np.einsum("ih,chw,jw->cij", _area_weights(masks.shape[1], rows), masks,
                           _area_weights(masks.shape[2], columns))
     steps = np.round(masks * 255).astype(np.uint8)
-    return STORED.pack(STORED_TAG, channels, rows, columns) + zlib.compress(steps.tobytes(), 9)
+    return STORED.pack(STORED_TAG, channels, rows, columns) + zlib.compress(steps.tobytes(), ZLIB_LEVEL)
 
 
 def decode_masks(data: bytes) -> np.ndarray:
