@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from heartbatch.masks import boxes_from_masks
+from heartbatch.masks import measured_boxes
 from heartbatch.metrics import REFERENCE_SIZE, box_metrics
 
 from . import checkpoint, corrupt
@@ -73,13 +73,13 @@ def seg_loss(logits: torch.Tensor, masks: torch.Tensor, real: torch.Tensor) -> t
     (the training-only head) take the heart and both lungs together."""
     if not real.any():
         return logits.sum() * 0
-    masks = masks[real]
+    logits, masks = logits[real], masks[real]
     if logits.shape[1] == 2 and masks.shape[1] == 3:
         masks = heart_and_lungs(masks)
     target = F.adaptive_avg_pool2d(masks, logits.shape[-2:])
-    loss = F.binary_cross_entropy_with_logits(logits[real], target)
+    loss = F.binary_cross_entropy_with_logits(logits, target)
     if logits.shape[1] == 3:
-        prob = torch.sigmoid(logits[real])
+        prob = torch.sigmoid(logits)
         overlap = (prob * target).sum((2, 3))
         dice = (2 * overlap + 1) / (prob.sum((2, 3)) + target.sum((2, 3)) + 1)
         loss = loss + (1 - dice).mean()
@@ -153,10 +153,11 @@ def trainable_parameters(model, train_only: str | None) -> list:
         return list(model.parameters())
     if train_only != "masks" or not getattr(model, "has_masks", False):
         raise ValueError(f"--train-only {train_only}: the network has no mask head to train")
-    trained = set(map(id, model.mask_parameters()))
+    trained = model.mask_parameters()
+    keep = set(map(id, trained))
     for p in model.parameters():
-        p.requires_grad_(id(p) in trained)
-    return model.mask_parameters()
+        p.requires_grad_(id(p) in keep)
+    return trained
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -270,10 +271,9 @@ def evaluate(model, data: TensorDataset, batch_size: int, device: torch.device,
     truth, expert = data.boxes.numpy(), data.expert_ctr.numpy()
     if masks is None:
         return box_metrics(pred, truth, threshold, expert)
-    measured = boxes_from_masks(masks)
-    measured = np.where(np.isfinite(measured), measured, pred)  # a missing structure: the regressed box
+    measured, missing = measured_boxes(pred, masks)
     return {**box_metrics(measured, truth, threshold, expert), "regressed": box_metrics(pred, truth, threshold, expert),
-            "mask_missing": int((~np.isfinite(boxes_from_masks(masks))).any(1).sum())}
+            "mask_missing": int(missing.sum())}
 
 
 def score(metrics: dict) -> float:

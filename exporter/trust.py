@@ -50,19 +50,17 @@ def run_outputs(session, images: list[np.ndarray], names: list[str], batch: int 
 
 def measured_outputs(session, images: list[np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
     """:func:`run_outputs` with ``boxes`` as the runtime measures them: from the ``masks`` output when
-    the model has one (:func:`heartbatch.masks.boxes_from_masks`; the regressed boxes where a mask is
-    empty, and under ``"regressed"``), so that what is calibrated is the error of what a row reports."""
+    the model has one (:func:`heartbatch.masks.measured_boxes`; the regressed boxes also under
+    ``"regressed"``), so that what is calibrated is the error of what a row reports."""
     from heartbatch import contract as C
-    from heartbatch.masks import boxes_from_masks
+    from heartbatch.masks import measured_boxes
 
     has_masks = C.MASKS in {o.name for o in session.get_outputs()}
     out = run_outputs(session, images, list(dict.fromkeys([C.OUTPUT_NAME, *names]))
                       + ([C.MASKS] if has_masks else []))
     if has_masks:
-        regressed = out[C.OUTPUT_NAME]
-        from_masks = boxes_from_masks(out.pop(C.MASKS))
-        out["regressed"] = regressed
-        out[C.OUTPUT_NAME] = np.where(np.isfinite(from_masks).all(1, keepdims=True), from_masks, regressed)
+        out["regressed"] = out[C.OUTPUT_NAME]
+        out[C.OUTPUT_NAME], _ = measured_boxes(out["regressed"], out.pop(C.MASKS))
     return out
 
 

@@ -171,5 +171,5 @@ def review_reasons(prediction: Prediction, policy: Policy, ctr_sd: float | None,
     if prediction.masks is not None:
         from .masks import mask_problems
 
-        reasons.extend(mask_problems(prediction.masks))
+        reasons.extend(mask_problems(prediction.masks, prediction.boxes))
     return reasons

@@ -107,6 +107,15 @@ def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     return channel_boxes(pair).reshape(len(masks), 8)
 
 
+def measured_boxes(regressed: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a masks model's rows report, for fitting and evaluating it over many films: the masks'
+    boxes, and the regressed ``boxes`` where a mask is empty (the runtime makes such a row an
+    error instead; a calibration or a metric needs a number). Also which rows fell back."""
+    from_masks = boxes_from_masks(masks)
+    missing = ~np.isfinite(from_masks).all(axis=1)
+    return np.where(missing[:, None], np.asarray(regressed, dtype=np.float64), from_masks), missing
+
+
 # --- regions -----------------------------------------------------------------------------------
 
 def pieces(mask: np.ndarray) -> list[int]:
@@ -144,10 +153,11 @@ def pieces(mask: np.ndarray) -> list[int]:
     return sorted((size[i] for i in range(len(parent)) if parent[i] == i), reverse=True)
 
 
-def mask_problems(masks: np.ndarray) -> list[str]:
+def mask_problems(masks: np.ndarray, boxes: np.ndarray | None = None) -> list[str]:
     """Review reasons, in plain words, from one image's ``[3, H, W]`` masks: a lung in pieces
     (specks ignored), the heart's centre outside the lungs' span, the heart or the lungs of an
-    implausible area, the lungs on the wrong sides."""
+    implausible area, the lungs on the wrong sides.  ``boxes``: the row's normalized boxes when
+    they are these masks' already (the runtime's), so they are not taken again."""
     masks = np.nan_to_num(np.asarray(masks, dtype=np.float64), nan=0.0)
     cells = masks.shape[1] * masks.shape[2]
     solid = masks >= PRESENT
@@ -168,7 +178,8 @@ def mask_problems(masks: np.ndarray) -> list[str]:
         problems.append(f"lung area {lungs_area:.0%} of the film, outside "
                         f"{LUNGS_AREA[0]:.0%}-{LUNGS_AREA[1]:.0%}")
     centre = _centre(masks[HEART])
-    box = boxes_from_masks(masks[None])[0, 4:]
+    box = (boxes_from_masks(masks[None])[0] if boxes is None or len(boxes) < 8
+           else np.asarray(boxes, dtype=np.float64))[4:8]
     if centre is not None and np.isfinite(box).all():
         x, y = centre[0] / masks.shape[2], centre[1] / masks.shape[1]
         if not (box[0] <= x <= box[2] and box[1] <= y <= box[3]):

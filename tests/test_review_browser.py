@@ -46,6 +46,15 @@ def shown_id(page) -> int:
 
 
 
+
+def press_heart_edge(page) -> tuple[float, float]:
+    """Press the mouse on the heart box's right-edge handle; where it was pressed."""
+    edge = page.locator("line.handle.x1[data-box='heart']").bounding_box()
+    x, y = edge["x"] + edge["width"] / 2, edge["y"] + edge["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    return x, y
+
 def open_page(browser, url: str):
     """A page on ``url`` and the list its script errors and console errors are collected in."""
     page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -95,10 +104,7 @@ def test_accept_correct_and_reject_in_the_browser(tmp_path, data_dir, intensity_
     page.wait_for_selector("#path:has-text('chest1.dcm')")
     page.wait_for_selector(f"body[data-film='{shown_id(page)}']")
     model_ctr = float(page.get_attribute("#ctr-now", "data-value"))
-    edge = page.locator("line.handle.x1[data-box='heart']").bounding_box()
-    x, y = edge["x"] + edge["width"] / 2, edge["y"] + edge["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
+    x, y = press_heart_edge(page)
     page.mouse.move(x - 30, y, steps=5)
     during = float(page.get_attribute("#ctr-now", "data-value"))
     assert during < model_ctr - 0.01, "the CTR follows the drag"
@@ -197,10 +203,7 @@ def test_mask_outlines_over_the_film_toggle_with_o_and_the_boxes_stay_draggable(
 
     # the heart box's right edge, dragged with the outlines shown: the CTR follows
     before = float(page.get_attribute("#ctr-now", "data-value"))
-    edge = page.locator("line.handle.x1[data-box='heart']").bounding_box()
-    x, y = edge["x"] + edge["width"] / 2, edge["y"] + edge["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
+    x, y = press_heart_edge(page)
     page.mouse.move(x - 40, y, steps=5)
     page.mouse.up()
     assert float(page.get_attribute("#ctr-now", "data-value")) < before - 0.01
