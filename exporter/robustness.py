@@ -80,6 +80,9 @@ def score_set(model: BoxModel, policy: Policy, images: np.ndarray, truth: np.nda
         row[f"caught_{cut}"] = float(flagged[bad].mean()) if bad.any() else None
         good = m & (err <= cut)
         row[f"flagged_good_{cut}"] = float(flagged[good].mean()) if good.any() else None
+    bad, good = m & (err > 0.05), m & (err <= 0.05)
+    row["counts"] = {"refused": int((~m).sum()), "off_0.05": int(bad.sum()), "caught_0.05": int((flagged & bad).sum()),
+                     "within_0.05": int(good.sum()), "flagged_within_0.05": int((flagged & good).sum())}
     reasons: dict[str, int] = {}
     for r in records:
         for reason in filter(None, r.review_reason.split("; ")):
@@ -125,6 +128,9 @@ def main(argv=None) -> int:
         print(f"{kind:12}{row['n']:5d}{row['measured']:9.3f}{row['ctr_mae']:9.4f}{row['agreement']:7.3f}"
               f"{row['off_0.05']:7.3f}{row['flagged']:8.3f}{_f(row['mae_flagged']):>9}{_f(row['mae_unflagged']):>9}"
               f"{_f(row['caught_0.03']):>9}{_f(row['caught_0.05']):>9}{_f(row['flagged_good_0.05']):>11}", flush=True)
+    corrupt_sets = [k for k in table if k != "clean"]
+    if corrupt_sets:
+        print_together(table, corrupt_sets)
     ward = {}
     if args.ward:
         try:
@@ -143,6 +149,22 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({"model_id": model.info.model_id, "seed": args.seed, "sets": table,
                                          "ward": ward}, indent=1, sort_keys=True))
     return 0
+
+
+def print_together(table: dict, kinds: list[str]) -> None:
+    """The corrupted sets as one: what the review flag catches and costs, and why it fires."""
+    total = {k: sum(table[kind]["counts"][k] for kind in kinds) for k in table[kinds[0]]["counts"]}
+    n = sum(table[kind]["n"] for kind in kinds)
+    print(f"corrupted sets together: {n} films, refused {total['refused']}; off by more than 0.05: "
+          f"{total['off_0.05']}, flagged {total['caught_0.05']}; within 0.05: {total['within_0.05']}, flagged "
+          f"{total['flagged_within_0.05']} ({total['flagged_within_0.05'] / max(total['within_0.05'], 1):.1%})")
+    for name, sets in (("clean", [k for k in ("clean",) if k in table]), ("corrupted", kinds)):
+        reasons: dict[str, int] = {}
+        for kind in sets:
+            for reason, count in table[kind]["reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            print(f"  {count:4d}  flagged ({name}): {reason}")
 
 
 def ward_rows(model: BoxModel, policy: Policy, films) -> dict:

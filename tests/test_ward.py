@@ -56,3 +56,19 @@ def test_evaluate_robustness_reports_ward_films_by_reason(tmp_path, data_dir, ca
         assert row["refused"] + row["measured"] == row["n"]
         assert sum(n for reason, n in row["reasons"].items() if reason.startswith("refused")) == row["refused"]
         assert row["flagged"] <= sum(n for reason, n in row["reasons"].items() if reason.startswith("flagged"))
+
+
+def test_evaluate_robustness_adds_up_the_corrupted_sets(tmp_path, data_dir, capsys):
+    """One line for the corrupted sets together (what the flag catches and costs) and the flags by reason."""
+    out = tmp_path / "robust.json"
+    assert robustness.main([str(default_model_path()), "--data", str(data_dir / "cxr-ctr"),
+                            "--sets", "clean", "whiteout", "text", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    sets = json.loads(out.read_text())["sets"]
+    total = {k: sets["whiteout"]["counts"][k] + sets["text"]["counts"][k] for k in sets["text"]["counts"]}
+    n = sets["whiteout"]["n"] + sets["text"]["n"]
+    assert total["refused"] + total["off_0.05"] + total["within_0.05"] == n
+    assert (f"corrupted sets together: {n} films, refused {total['refused']}; off by more than 0.05: "
+            f"{total['off_0.05']}, flagged {total['caught_0.05']}") in printed
+    for reason, count in sets["clean"]["reasons"].items():
+        assert f"{count:4d}  flagged (clean): {reason}" in printed
