@@ -25,8 +25,12 @@ from . import contract
 
 
 CONTENT_REASON = "not a frontal chest radiograph by its content"
+#: a measured film whose content score is between the refusal and the review cut
+UNSURE_REASON = "unsure it is a frontal chest film"
 #: a measured film far from every training film: flagged, never refused for it alone
 UNLIKE_REASON = "unlike the films the model was trained on"
+#: the silhouette sign: a lung as white as the heart beside it hides the border the CTR is measured at
+HIDDEN_BORDER_REASON = "heart border hidden: the lung beside it is as white as the heart (effusion, consolidation?)"
 
 
 def is_content_reason(reason: str) -> bool:
@@ -59,6 +63,7 @@ class Prediction:
     content: np.ndarray | None = None       # [K] class probabilities
     distance: float | None = None           # how far the film's features lie from the training films'
     masks: np.ndarray | None = None         # [3, H, W] heart, right lung, left lung probabilities (model grid)
+    border_contrast: float | None = None    # :func:`heart_border_contrast` of the model's input and boxes
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Policy:
     review_uncertainty: float = 0.02        # CTR standard deviation above it: review
     mirrored_probability: float = 0.5       # content class "mirrored" above it: review
     review_distance: float | None = None    # chest_distance above it: review ("unlike the training films")
+    min_border_contrast: float | None = None  # heart_border_contrast below it: review (the heart border is hidden)
     classes: tuple[str, ...] = ()           # the content output's class names
 
     @classmethod
@@ -89,6 +95,7 @@ class Policy:
                    review_uncertainty=trust.get("review_uncertainty", defaults.review_uncertainty),
                    mirrored_probability=trust.get("mirrored_probability", defaults.mirrored_probability),
                    review_distance=trust.get("review_distance", defaults.review_distance),
+                   min_border_contrast=trust.get("min_border_contrast", defaults.min_border_contrast),
                    classes=tuple(trust.get("classes", ())))
 
     def key(self) -> str:
@@ -96,7 +103,8 @@ class Policy:
         return (f"threshold={self.threshold:g};content={'on' if self.content_check else 'off'}"
                 f";min_chest={self.min_chest_score:g};review={self.review_chest_score:g},"
                 f"{self.review_uncertainty:g},{self.mirrored_probability:g}"
-                + ("" if self.review_distance is None else f",{self.review_distance:g}"))
+                + ("" if self.review_distance is None else f",{self.review_distance:g}")
+                + ("" if self.min_border_contrast is None else f";border={self.min_border_contrast:g}"))
 
 
 def refusal(prediction: Prediction, policy: Policy) -> str | None:
@@ -127,6 +135,31 @@ def ctr_uncertainty(boxes: np.ndarray, sd: np.ndarray) -> float | None:
     return float(math.sqrt(variance))
 
 
+def heart_border_contrast(image: np.ndarray, boxes: np.ndarray) -> float | None:
+    """How much brighter the heart is than the lung beside it, on the side where it is least so.
+
+    ``image``: the model's input ``[S, S]``; ``boxes``: normalized heart + thorax boxes. On the heart's
+    rows, the median of the heart box minus the median of the strip between it and the thorax edge,
+    in units of the thorax's 5-95 % intensity range. Below 0 on either side the heart's edge there
+    is not visible (the silhouette sign), so the CTR rests on a guessed border. None where the boxes
+    leave no strip to compare.
+    """
+    if len(boxes) < 8 or not np.isfinite(boxes[:8]).all():
+        return None
+    s = image.shape[0]
+    hx0, hy0, hx1, hy1, tx0, ty0, tx1, ty1 = np.clip(np.round(np.asarray(boxes[:8]) * s), 0, s).astype(int)
+    heart = image[hy0:hy1, hx0:hx1]
+    thorax = image[ty0:ty1:2, tx0:tx1:2]  # every 4th pixel: its percentiles are the cost here
+    if heart.size == 0 or thorax.size == 0:
+        return None
+    low, high = np.percentile(thorax, (5, 95))
+    sides = [image[hy0:hy1, a:b] for a, b in ((tx0, hx0), (hx1, tx1)) if b - a > 2]
+    if len(sides) < 2 or high - low <= 1e-3:
+        return None
+    centre = np.median(heart)
+    return float(min(centre - np.median(side) for side in sides) / (high - low))
+
+
 def box_problems(boxes: np.ndarray, aspect: float = 1.0) -> list[str]:
     """What is anatomically implausible about a heart + thorax box pair (normalized; ``aspect``:
     the film's rows / columns, for the heart box's shape in pixels)."""
@@ -154,7 +187,8 @@ def review_reasons(prediction: Prediction, policy: Policy, ctr_sd: float | None,
     """Why a person should check this measurement (empty: no reason found)."""
     reasons = []
     if prediction.chest_score is not None and prediction.chest_score < policy.review_chest_score:
-        reasons.append("unsure it is a frontal chest film")
+        detail = WRONG_KIND_REASONS.get(_likely_class(prediction, policy) or "")  # what the reader should check
+        reasons.append(f"{UNSURE_REASON}: {detail}" if detail else UNSURE_REASON)
     if (prediction.content is not None and "mirrored" in policy.classes
             and len(policy.classes) == len(prediction.content)
             and prediction.content[policy.classes.index("mirrored")] > policy.mirrored_probability):
@@ -164,6 +198,9 @@ def review_reasons(prediction: Prediction, policy: Policy, ctr_sd: float | None,
         reasons.append(UNLIKE_REASON)
     if ctr_sd is not None and ctr_sd > policy.review_uncertainty:
         reasons.append("uncertain heart or thorax borders")
+    if (prediction.border_contrast is not None and policy.min_border_contrast is not None
+            and prediction.border_contrast < policy.min_border_contrast):
+        reasons.append(HIDDEN_BORDER_REASON)
     for problem in box_problems(prediction.boxes, aspect):
         if problem.startswith("heart on the image left") and "mirrored film or dextrocardia?" in reasons:
             continue

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arithmetic, contract
-from .confidence import Prediction
+from .confidence import Prediction, heart_border_contrast
 from .errors import ContractError, WorkerModelError
 from .files import sha256_file
 from .pixels import PIPELINE_VERSION, RUNS_MODELS_OF
@@ -253,12 +253,13 @@ class BoxModel:
         sds = values.get(contract.UNCERTAINTY)
         content = values.get(contract.CONTENT)
         distance = values.get(contract.CHEST_DISTANCE)
+        border = [heart_border_contrast(image, b) for image, b in zip(images, boxes)]
         return [Prediction(boxes[i],
                            chest_score=None if scores is None else float(scores[i]),
                            uncertainty=None if sds is None else sds[i].astype(np.float64),
                            content=None if content is None else content[i].astype(np.float64),
                            distance=None if distance is None else float(distance[i]),
-                           masks=None if masks is None else masks[i])
+                           masks=None if masks is None else masks[i], border_contrast=border[i])
                 for i in range(len(boxes))]
 
 

@@ -10,6 +10,7 @@ encodings, the SIIM DICOM) must be measured and not flagged.
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -21,8 +22,10 @@ from pydicom.data import get_testdata_file
 import onnx_models as M
 from dicom_factory import shared_png, shared_png_paths, write_dicom
 from heartbatch import cli
+from heartbatch import contract as C
 from heartbatch.confidence import CONTENT_REASON, Policy, Prediction, box_problems, ctr_uncertainty
 from heartbatch.model import BoxModel
+from heartbatch.pixels import preprocess
 from heartbatch.report.summary import read_report
 
 
@@ -138,8 +141,6 @@ def test_a_mirrored_film_is_measured_and_flagged(archive):
 
 
 def test_summaries_count_flagged_rows_beside_the_statistics(archive):
-    import json
-
     rows, out = archive
     summary = json.loads(out.with_name("report.summary.json").read_text())
     ok = [r for r in rows.values() if r["status"] == "ok"]
@@ -222,6 +223,11 @@ def test_review_reasons_from_the_outputs():
     unsure = Prediction(TYPICAL, 0.6, None, np.array([0.3, 0.7, 0, 0, 0, 0, 0]))
     assert review_reasons(unsure, policy, 0.05) == ["unsure it is a frontal chest film", "mirrored film or dextrocardia?",
                                                   "uncertain heart or thorax borders"]
+    # measured, though the classifier leans to a wrong kind: the reason says which, for the reader to check
+    cropped = Prediction(TYPICAL, 0.45, None, np.array([0.45, 0.0, 0, 0, 0, 0.55, 0]))
+    assert refusal(cropped, Policy(classes=classes, min_chest_score=0.25)) is None
+    assert review_reasons(cropped, policy, 0.01) == ["unsure it is a frontal chest film: only part of a chest film "
+                                                     "(cropped?)"]
 
 
 def test_a_film_unlike_the_training_films_is_flagged_never_refused_for_it():
@@ -240,10 +246,6 @@ def test_a_film_unlike_the_training_films_is_flagged_never_refused_for_it():
 
 
 def test_policy_comes_from_the_model_metadata_with_user_overrides(model_dir):
-    import json
-
-    from heartbatch import contract as C
-
     path = M.constant_box_model(model_dir / "policy.onnx", M.DEFAULT_BOXES, metadata_overrides={
         C.META_TRUST: json.dumps({"min_chest_score": 0.3, "review_uncertainty": 0.04, "classes": ["chest"],
                                   "review_distance": 2.5})})
@@ -267,3 +269,48 @@ def test_min_chest_score_must_be_a_probability(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", str(tmp_path), "--out", str(tmp_path / "r.csv"), "--min-chest-score", "1.5"])
     assert exc.value.code == 2 and "between 0 and 1" in capsys.readouterr().err
+
+
+def _drawn_chest(size: int = 224) -> np.ndarray:
+    """A bright heart between two dark lungs inside a grey body, as the model's input."""
+    image = np.full((size, size), 0.6, np.float32)
+    image[int(0.15 * size):int(0.9 * size), int(0.1 * size):int(0.45 * size)] = 0.15   # image-left lung
+    image[int(0.15 * size):int(0.9 * size), int(0.55 * size):int(0.9 * size)] = 0.15   # image-right lung
+    image[int(0.45 * size):int(0.8 * size), int(0.45 * size):int(0.75 * size)] = 0.85  # heart
+    return image
+
+
+def test_heart_border_contrast_sees_a_lung_as_white_as_the_heart():
+    from heartbatch.confidence import heart_border_contrast
+
+    image = _drawn_chest()
+    assert heart_border_contrast(image, TYPICAL) > 0.5
+    white = image.copy()
+    white[int(0.15 * 224):int(0.9 * 224), int(0.75 * 224):int(0.9 * 224)] = 0.9  # the lung beside the heart, white
+    assert heart_border_contrast(white, TYPICAL) < 0
+    touching = TYPICAL.copy()
+    touching[2] = touching[6] - 0.005  # the heart box reaches the thorax edge: no lung strip to compare
+    assert heart_border_contrast(image, touching) is None
+    assert heart_border_contrast(image, TYPICAL[:4]) is None
+
+
+def test_a_hidden_heart_border_is_flagged_with_the_models_cut_only():
+    from heartbatch.confidence import HIDDEN_BORDER_REASON, review_reasons
+
+    sure = np.array([0.99, 0.01, 0, 0, 0, 0, 0])
+    hidden = Prediction(TYPICAL, 0.99, None, sure, border_contrast=-0.2)
+    assert review_reasons(hidden, Policy(), 0.01) == []  # a model without a fitted cut: no such flag
+    fitted = Policy(min_border_contrast=-0.08)
+    assert review_reasons(hidden, fitted, 0.01) == [HIDDEN_BORDER_REASON]
+    assert review_reasons(Prediction(TYPICAL, 0.99, None, sure, border_contrast=-0.05), fitted, 0.01) == []
+    assert Policy.for_model({C.META_TRUST: json.dumps({"min_border_contrast": -0.08})}).min_border_contrast == -0.08
+    assert fitted.key() != Policy().key()  # a new cut re-measures the ledger's rows
+
+
+def test_the_model_reports_each_films_heart_border_contrast(data_dir):
+    films = np.stack([preprocess(shared_png(data_dir, i).astype(np.float32), 224) for i in range(2)])
+    from heartbatch.confidence import heart_border_contrast
+
+    model = BoxModel()
+    for film, prediction in zip(films, model.infer(films)):
+        assert prediction.border_contrast == heart_border_contrast(film, prediction.boxes)
