@@ -13,6 +13,11 @@ from .net import LAYER4_DIMS
 from .surgery import (FEATURES, SurgeryError, add_content_head, add_uncertainty, input_size, strip_features,
                       with_features)
 
+#: the runner's default refusal cut on ``chest_score``. Refusing a real chest film drops a sick patient
+#: from every statistic; measuring a film that is not one puts a flagged row in the review queue. Taking
+#: the first as three times as costly, the Bayes cut on P(chest) is 1 / (1 + 3).
+MIN_CHEST_SCORE = 0.25
+
 USAGE = """`trust-onnx`: add the content check and box uncertainty to an exported model.
 
     trust-onnx heartbox.onnx --data ../shared/data/cxr-ctr \\
@@ -103,7 +108,10 @@ def main(argv=None) -> int:
                         "and reported")
     p.add_argument("--max-ward-flagged", type=float, default=0.10,
                    help="with --ward: review-uncertainty cut flags at most this share of the fitting patients' "
-                        "films (0.10)")
+                        "films of each view (AP, PA; 0.10)")
+    p.add_argument("--min-chest-score", type=float, default=MIN_CHEST_SCORE,
+                   help=f"the runner's default refusal cut ({MIN_CHEST_SCORE}): refusing a real chest film is taken "
+                        f"as 3x as costly as measuring and flagging a film that is not one")
     p.add_argument("--leave-out-packages", action="store_true",
                    help="also check each family of package images with a classifier fitted without it "
                         "(kinds of image never seen in fitting; about 30 more fits)")
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
     print(f"fitting on {len(train.images)} training-film samples ({len(ward_fit)} real ward films among the "
           f"films) and {len(others.images)} package images and patterns; checking on {len(val.images)} "
           f"validation-film samples and {len(ward_held)} held-out ward films", flush=True)
-    fit = {name: run_outputs(session, s.images, names) for name, s in (("train", train), ("others", others),
+    fit = {name: measured_outputs(session, s.images, names) for name, s in (("train", train), ("others", others),
                                                                           ("val", val), ("held", held)) if s.images}
     features = np.concatenate([fit["train"][FEATURES], fit["others"][FEATURES]])
     labels = np.array(train.labels + others.labels)
@@ -163,11 +171,15 @@ def main(argv=None) -> int:
     ward_cut = None
     if ward_fit:  # real ward films spread wider where the boxes are fine (leads, haze): flag few of them
         ward_rows = measured_outputs(session, [ward[f.key] for f in ward_fit], ["uncertainty"])
-        ward_cut = float(np.quantile(ctr_sd(ward_rows[C.OUTPUT_NAME], ward_rows["uncertainty"]) * factor,
-                                     1 - args.max_ward_flagged))
+        ward_sd = ctr_sd(ward_rows[C.OUTPUT_NAME], ward_rows["uncertainty"]) * factor
+        ward_cut = ward_review_cut(ward_sd, [f.view for f in ward_fit], args.max_ward_flagged)
         review_uncertainty = max(review_uncertainty, ward_cut)
 
-    policy = dict(classes=list(content.CLASSES), min_chest_score=0.5, review_chest_score=0.8,
+    as_they_are = np.array([k == "chest" for k in train.kinds]) & ~np.array([g.startswith("ward/") for g in train.groups])
+    border_cut = border_review_cut([i for i, keep in zip(train.images, as_they_are) if keep],
+                                   fit["train"][C.OUTPUT_NAME][as_they_are])
+    policy = dict(classes=list(content.CLASSES), min_chest_score=args.min_chest_score, review_chest_score=0.8,
+                  min_border_contrast=round(border_cut, 3),
                   review_uncertainty=round(review_uncertainty, 4), mirrored_probability=0.5,
                   uncertainty_factor=round(factor, 4), distance_cut=round(head.distance_cut, 3),
                   review_distance=round(head.distance_cut, 3))
@@ -197,6 +209,27 @@ def main(argv=None) -> int:
         args.report.write_text(json.dumps(evaluation, indent=1, sort_keys=True))
     print(f"wrote {args.out}")
     return 0
+
+
+def border_review_cut(images: list[np.ndarray], boxes: np.ndarray, max_flagged: float = 0.01) -> float:
+    """The heart-border contrast below which a row is flagged as hiding the heart's edge: 0 (the heart no
+    brighter than the lung beside it), or lower where more than ``max_flagged`` of the training films as
+    they are fall below 0 (low-contrast digitised films whose borders are fine)."""
+    from heartbatch.confidence import heart_border_contrast
+
+    values = np.array([heart_border_contrast(i, b) for i, b in zip(images, boxes)], dtype=float)
+    values = values[np.isfinite(values)]
+    return float(min(0.0, np.quantile(values, max_flagged))) if len(values) else 0.0
+
+
+def ward_review_cut(sd: np.ndarray, views: list[str], max_flagged: float, min_films: int = 5) -> float:
+    """The lowest CTR-SD cut that flags at most ``max_flagged`` of the ward films of each view with at
+    least ``min_films`` films (all films together otherwise): AP films spread wider than PA films,
+    and an archive's share of AP films is not the fitting patients' share."""
+    views = np.array([v.upper() or "?" for v in views])
+    cuts = [np.quantile(sd[views == v], 1 - max_flagged) for v in sorted(set(views))
+            if (views == v).sum() >= min_films]
+    return float(max(cuts) if cuts else np.quantile(sd, 1 - max_flagged))
 
 
 def choose_review_cut(session, films, keys, by_key, size, factor, seed, max_flagged=0.05) -> float:
@@ -256,10 +289,12 @@ def _joined(*samples):
 
 def _leave_out(head, fit: dict, train, others, policy: dict) -> dict:
     """Each family of package images (pydicom's CT, MR, NM, US, extremity CR, test pattern ...)
-    scored by a classifier fitted without it: how the check does on kinds it never saw."""
+    scored by a classifier fitted without it: how the check does on kinds it never saw. Flagged
+    counts every review rule the runtime applies to such a row, the CTR's SD and the box rules too."""
     from . import content
 
     groups = np.array(others.groups)
+    by_boxes = _flagged_by_boxes(fit["others"], others.images, policy)
     features = np.concatenate([fit["train"][FEATURES], fit["others"][FEATURES]])
     labels = np.array(train.labels + others.labels)
     in_train = np.ones(len(train.labels), bool)
@@ -272,8 +307,21 @@ def _leave_out(head, fit: dict, train, others, policy: dict) -> dict:
         score = held.score(family)
         out[group] = {"n": int(len(score)), "refused": float(np.mean(score < policy["min_chest_score"])),
                       "refused_or_flagged": float(np.mean((score < policy["review_chest_score"])
-                                                          | held.far(family)))}
+                                                          | held.far(family) | by_boxes[groups == group]))}
     return out
+
+
+def _flagged_by_boxes(rows: dict, images: list[np.ndarray], policy: dict) -> np.ndarray:
+    """Rows the runtime flags whatever the content check says: the CTR's SD above the review cut, a
+    hidden heart border, or boxes outside the anatomical ranges (:mod:`heartbatch.confidence`)."""
+    from heartbatch import contract as C
+    from heartbatch.confidence import box_problems, heart_border_contrast
+
+    boxes = rows[C.OUTPUT_NAME]
+    sd = ctr_sd(boxes, rows["uncertainty"]) * policy["uncertainty_factor"]
+    border = [heart_border_contrast(i, b) for i, b in zip(images, boxes)]
+    return np.array([not s <= policy["review_uncertainty"] or bool(box_problems(b))
+                     or (c is not None and c < policy["min_border_contrast"]) for b, s, c in zip(boxes, sd, border)])
 
 
 def _print(evaluation: dict, policy: dict) -> None:
@@ -285,7 +333,8 @@ def _print(evaluation: dict, policy: dict) -> None:
     for group, row in evaluation.get("left_out_packages", {}).items():
         print(f"left out {group:15}{row['n']:6d}{row['refused']:10.3f}{row['refused_or_flagged']:20.3f}")
     u = evaluation["uncertainty"]
-    print(f"uncertainty factor {u['factor']:.4f}; CTR error within one SD on clean validation "
+    print(f"heart border hidden below a contrast of {policy['min_border_contrast']:.3f}; "
+          f"uncertainty factor {u['factor']:.4f}; CTR error within one SD on clean validation "
           f"{u['share_within_1sd']:.2f}; review above CTR SD {u['review_cut']:.4f}"
           + (f" (the ward films' cut {u['ward_cut']:.4f})" if u.get("ward_cut") is not None else "") + "; "
           f"content check: refuse below {policy['min_chest_score']}, review below {policy['review_chest_score']}")

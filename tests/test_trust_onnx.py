@@ -90,6 +90,7 @@ def test_trust_onnx_end_to_end(shipped, data_dir, tmp_path, capsys):
     policy = json.loads(model.info.metadata[C.META_TRUST])
     assert policy["classes"][0] == "chest" and policy["review_uncertainty"] > 0
     assert policy["review_distance"] == policy["distance_cut"] > 0
+    assert policy["min_chest_score"] == trust.MIN_CHEST_SCORE < policy["review_chest_score"]
     evaluation = json.loads(report.read_text())
     assert evaluation["uncertainty"]["review_cut"] >= evaluation["uncertainty"]["ward_cut"]
     held = {k for k in evaluation["by_kind"] if k.startswith("ward_held_")}
@@ -103,9 +104,39 @@ def test_trust_onnx_end_to_end(shipped, data_dir, tmp_path, capsys):
     assert set(evaluation["by_kind"]) >= {"chest", "negative", "turned_90", "mirrored"}
 
 
+def test_the_ward_cut_holds_for_each_view():
+    """AP films spread wider: the cut is the larger of the views' cuts, so an archive of AP films is not
+    flagged more than the fitting patients' PA-heavy mix would suggest; a view of few films does not set it."""
+    pa, ap = np.linspace(0.010, 0.020, 10), np.linspace(0.020, 0.060, 10)
+    views = ["PA"] * 10 + ["ap"] * 10
+    cut = trust.ward_review_cut(np.concatenate([pa, ap]), views, 0.10)
+    assert cut == pytest.approx(np.quantile(ap, 0.9))
+    assert np.mean(ap > cut) <= 0.10 and np.mean(np.concatenate([pa, ap]) > cut) < 0.10
+    lone = trust.ward_review_cut(np.concatenate([pa, [0.5]]), views[:10] + ["LL"], 0.10)
+    assert lone == pytest.approx(np.quantile(pa, 0.9))  # one film of its view: not a cut of its own
+    assert trust.ward_review_cut(ap[:4], [""] * 4, 0.25) == pytest.approx(np.quantile(ap[:4], 0.75))
+
+
 def test_a_graph_with_two_networks_is_refused(shipped, tmp_path):
     doubled = surgery.without_trust(shipped)
     extra = helper.make_node("Softmax", [C.OUTPUT_NAME], ["second"], name="another_softmax")
     doubled.graph.node.append(extra)
     with pytest.raises(surgery.SurgeryError, match="one soft-argmax"):
         surgery.with_features(doubled)
+
+
+def test_the_border_cut_is_zero_unless_clean_films_fall_below_it():
+    """0 (the heart no brighter than the lung beside it), lowered only as far as the training films as
+    they are need so that at most 1 % of them are flagged."""
+    image = np.full((224, 224), 0.6, np.float32)
+    image[30:200, 20:100] = 0.15
+    image[30:200, 124:200] = 0.15
+    image[100:180, 100:168] = 0.85
+    boxes = np.array([[0.45, 0.45, 0.75, 0.8, 0.1, 0.15, 0.9, 0.9]])
+    assert trust.border_review_cut([image] * 50, np.repeat(boxes, 50, 0)) == 0.0
+    dull = image.copy()
+    dull[30:200, 168:200] = 0.9  # a film whose lung beside the heart is whiter than the heart
+    cut = trust.border_review_cut([image] * 49 + [dull] * 2, np.repeat(boxes, 51, 0))
+    from heartbatch.confidence import heart_border_contrast
+
+    assert heart_border_contrast(dull, boxes[0]) <= cut < 0  # the 1 % quantile: at most 1 % below it
