@@ -293,8 +293,8 @@ def build_model(args, train_data: TensorDataset, val_data: TensorDataset, consol
         if fresh:
             console.print(f"the mask head starts fresh ({args.init} has none)")
         origin = init["config"].get("recovered_from")
-        console.print(f"initialised from {args.init} "
-                      + (f"(rebuilt from {origin})" if origin else f"(epoch {init['epoch'] + 1})"))
+        console.print(f"initialised from {args.init} "  # soft_wrap: paths stay whole, however long
+                      + (f"(rebuilt from {origin})" if origin else f"(epoch {init['epoch'] + 1})"), soft_wrap=True)
     return model, checkpoint.config(args, mean, std, len(train_data), len(val_data))
 
 
@@ -302,7 +302,7 @@ def resume(run: engine.Run, path: Path, device: torch.device, console) -> None:
     run.last = checkpoint.load(path, trust_pickle=True, map_location=device)
     run.start_epoch, run.best = checkpoint.restore(run.last, run.model, run.optimizer, run.scheduler,
                                                    run.averaged, run.gen)
-    console.print(f"resumed from {path} at epoch {run.start_epoch}")
+    console.print(f"resumed from {path} at epoch {run.start_epoch}", soft_wrap=True)
 
 
 def stopped_message(exc: NonFiniteLoss, args, start_epoch: int) -> str:
