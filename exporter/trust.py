@@ -312,16 +312,16 @@ def _leave_out(head, fit: dict, train, others, policy: dict) -> dict:
 
 
 def _flagged_by_boxes(rows: dict, images: list[np.ndarray], policy: dict) -> np.ndarray:
-    """Rows the runtime flags whatever the content check says: the CTR's SD above the review cut, a
-    hidden heart border, or boxes outside the anatomical ranges (:mod:`heartbatch.confidence`)."""
+    """Rows the runtime flags whatever the content check says: its own review rules
+    (:func:`heartbatch.confidence.review_reasons`) on the boxes, the CTR's SD and the heart border."""
     from heartbatch import contract as C
-    from heartbatch.confidence import box_problems, heart_border_contrast
+    from heartbatch.confidence import Policy, Prediction, heart_border_contrast, review_reasons
 
+    rules = Policy(review_uncertainty=policy["review_uncertainty"], min_border_contrast=policy["min_border_contrast"])
     boxes = rows[C.OUTPUT_NAME]
     sd = ctr_sd(boxes, rows["uncertainty"]) * policy["uncertainty_factor"]
-    border = [heart_border_contrast(i, b) for i, b in zip(images, boxes)]
-    return np.array([not s <= policy["review_uncertainty"] or bool(box_problems(b))
-                     or (c is not None and c < policy["min_border_contrast"]) for b, s, c in zip(boxes, sd, border)])
+    return np.array([bool(review_reasons(Prediction(b, border_contrast=heart_border_contrast(i, b)), rules, float(s)))
+                     for i, b, s in zip(images, boxes, sd)])
 
 
 def _print(evaluation: dict, policy: dict) -> None:

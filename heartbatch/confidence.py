@@ -149,7 +149,7 @@ def heart_border_contrast(image: np.ndarray, boxes: np.ndarray) -> float | None:
     s = image.shape[0]
     hx0, hy0, hx1, hy1, tx0, ty0, tx1, ty1 = np.clip(np.round(np.asarray(boxes[:8]) * s), 0, s).astype(int)
     heart = image[hy0:hy1, hx0:hx1]
-    thorax = image[ty0:ty1:2, tx0:tx1:2]  # every 4th pixel: its percentiles are the cost here
+    thorax = image[ty0:ty1:2, tx0:tx1:2]  # a quarter of the pixels: the percentiles are the cost here
     if heart.size == 0 or thorax.size == 0:
         return None
     low, high = np.percentile(thorax, (5, 95))

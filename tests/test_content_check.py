@@ -23,7 +23,8 @@ import onnx_models as M
 from dicom_factory import shared_png, shared_png_paths, write_dicom
 from heartbatch import cli
 from heartbatch import contract as C
-from heartbatch.confidence import CONTENT_REASON, Policy, Prediction, box_problems, ctr_uncertainty
+from heartbatch.confidence import (CONTENT_REASON, HIDDEN_BORDER_REASON, Policy, Prediction, box_problems,
+                                   ctr_uncertainty, heart_border_contrast, review_reasons)
 from heartbatch.model import BoxModel
 from heartbatch.pixels import preprocess
 from heartbatch.report.summary import read_report
@@ -210,7 +211,7 @@ def test_ctr_uncertainty_is_first_order_error_propagation():
 
 
 def test_review_reasons_from_the_outputs():
-    from heartbatch.confidence import refusal, review_reasons
+    from heartbatch.confidence import refusal
 
     classes = ("chest", "mirrored", "negative", "turned", "upside_down", "cropped", "other")
     policy = Policy(classes=classes, min_chest_score=0.5, review_chest_score=0.8, review_uncertainty=0.02)
@@ -232,7 +233,7 @@ def test_review_reasons_from_the_outputs():
 
 def test_a_film_unlike_the_training_films_is_flagged_never_refused_for_it():
     """Distance from the training films alone never refuses a chest film; it flags it, with a reason."""
-    from heartbatch.confidence import UNLIKE_REASON, refusal, review_reasons
+    from heartbatch.confidence import UNLIKE_REASON, refusal
 
     classes = ("chest", "mirrored", "negative", "turned", "upside_down", "cropped", "other")
     policy = Policy(classes=classes, review_distance=1.6)
@@ -281,8 +282,6 @@ def _drawn_chest(size: int = 224) -> np.ndarray:
 
 
 def test_heart_border_contrast_sees_a_lung_as_white_as_the_heart():
-    from heartbatch.confidence import heart_border_contrast
-
     image = _drawn_chest()
     assert heart_border_contrast(image, TYPICAL) > 0.5
     white = image.copy()
@@ -295,8 +294,6 @@ def test_heart_border_contrast_sees_a_lung_as_white_as_the_heart():
 
 
 def test_a_hidden_heart_border_is_flagged_with_the_models_cut_only():
-    from heartbatch.confidence import HIDDEN_BORDER_REASON, review_reasons
-
     sure = np.array([0.99, 0.01, 0, 0, 0, 0, 0])
     hidden = Prediction(TYPICAL, 0.99, None, sure, border_contrast=-0.2)
     assert review_reasons(hidden, Policy(), 0.01) == []  # a model without a fitted cut: no such flag
@@ -309,8 +306,26 @@ def test_a_hidden_heart_border_is_flagged_with_the_models_cut_only():
 
 def test_the_model_reports_each_films_heart_border_contrast(data_dir):
     films = np.stack([preprocess(shared_png(data_dir, i).astype(np.float32), 224) for i in range(2)])
-    from heartbatch.confidence import heart_border_contrast
 
     model = BoxModel()
     for film, prediction in zip(films, model.infer(films)):
         assert prediction.border_contrast == heart_border_contrast(film, prediction.boxes)
+
+
+def test_trust_onnx_counts_the_runtimes_review_rules_on_left_out_images():
+    """trust-onnx's leave-out check counts a row as flagged by the rules the runtime applies (CTR SD, the
+    hidden border, the box rules), so its table is what `heartbatch run` would do with such images."""
+    from exporter.trust import _flagged_by_boxes
+
+    image = _drawn_chest()
+    white = image.copy()
+    white[int(0.15 * 224):int(0.9 * 224), int(0.75 * 224):int(0.9 * 224)] = 1.0  # whiter than the heart
+    collapsed = np.array([0.45, 0.45, 0.5, 0.5, 0.4, 0.4, 0.55, 0.55])
+    boxes = np.stack([TYPICAL, TYPICAL, TYPICAL, collapsed])
+    sd = np.zeros((4, 8))
+    sd[1, [0, 2, 4, 6]] = 0.05  # wide heatmaps on the x coordinates: a large CTR SD
+    policy = {"review_uncertainty": 0.03, "uncertainty_factor": 1.0, "min_border_contrast": -0.08}
+    flagged = _flagged_by_boxes({C.OUTPUT_NAME: boxes, "uncertainty": sd}, [image, image, white, image], policy)
+    assert flagged.tolist() == [False, True, True, True]
+    assert [bool(review_reasons(Prediction(b, uncertainty=s), Policy(review_uncertainty=0.03),
+                                ctr_uncertainty(b, s))) for b, s in zip(boxes[:2], sd[:2])] == [False, True]
