@@ -120,13 +120,14 @@ def unlabeled_batches(unlabeled: Unlabeled, steps: int, gen: torch.Generator):
 
 
 @torch.no_grad()
-def _targets(model, images: torch.Tensor, train_only: str | None = None) -> torch.Tensor:
-    """The network's boxes on the weak view, in eval mode: a target that moves with training but
-    takes no gradient (and leaves the BatchNorm statistics alone)."""
+def _targets(model, images: torch.Tensor, train_only: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The network's boxes (and, with a mask head, its mask probabilities) on the weak view, in eval
+    mode: a target that moves with training but takes no gradient (and leaves the BatchNorm
+    statistics alone)."""
     model.eval()
-    out = boxes_only(model(images))
+    out = model(images)
     set_train_mode(model, train_only)
-    return out
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, None)
 
 
 def boxes_only(out) -> torch.Tensor:
@@ -160,9 +161,17 @@ def trainable_parameters(model, train_only: str | None) -> list:
     return trained
 
 
-def consistency_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor, mask_logits: torch.Tensor | None = None,
+                     mask_target: torch.Tensor | None = None) -> torch.Tensor:
+    """Boxes of the corrupted view against those of the plain view; with a mask head, also its masks
+    against the plain view's probabilities (BCE, weighted like the labeled masks), so that the masks
+    the runtime measures from learn the ward films too, not only the regressed boxes.  The two views
+    share their geometry, so the masks are compared cell by cell."""
     diff = (pred - target) * REFERENCE_SIZE
-    return F.smooth_l1_loss(diff, torch.zeros_like(diff), beta=SMOOTH_L1_BETA_PX)
+    loss = F.smooth_l1_loss(diff, torch.zeros_like(diff), beta=SMOOTH_L1_BETA_PX)
+    if mask_target is not None and mask_logits is not None and mask_logits.shape == mask_target.shape:
+        loss = loss + SEG_WEIGHT * F.binary_cross_entropy_with_logits(mask_logits, mask_target)
+    return loss
 
 
 def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch.Generator,
@@ -197,7 +206,7 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
             films = next(extra)
             rngs = [corrupt.seeded(seed, "consistency", epoch, unlabeled.keys[i]) for i in films.tolist()]
             weak, strong = consistency_views(unlabeled.images[films], augment or AugmentConfig(), gen, rngs)
-            target = _targets(model, weak.to(device), train_only)
+            target, mask_target = _targets(model, weak.to(device), train_only)
             images = torch.cat([images, strong.to(device)])
         pred, seg_logits = model.forward_train(images)
         labeled = len(idx)
@@ -205,7 +214,7 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
         ls = seg_loss(seg_logits[:labeled], masks, data.real_masks[idx].to(device))
         loss = lb + SEG_WEIGHT * ls
         if unlabeled is not None:
-            lc = consistency_loss(pred[labeled:], target)
+            lc = consistency_loss(pred[labeled:], target, seg_logits[labeled:], mask_target)
             loss = loss + unlabeled.weight * lc
             totals["consistency"] += lc.item()
         if not math.isfinite(loss.item()):

@@ -88,8 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ward-films", type=Path, metavar="FOLDER",
                    help="real ward films without labels (FOLDER.csv beside it: file, patient), as for trust-onnx "
                         "--ward: the fitting half of the patients (split by --ward-films-seed, trust-onnx's --seed) "
-                        "joins every step, trained so that their boxes under ward corruptions match the "
-                        "network's own boxes on the plain film; the other patients are never seen")
+                        "joins every step, trained so that their boxes (and masks, with --mask-head) under ward "
+                        "corruptions match the network's own on the plain film; the other patients are never seen")
     p.add_argument("--ward-films-weight", type=float, default=1.0, help="weight of that consistency loss (default 1)")
     p.add_argument("--ward-films-per-step", type=int, default=4, help="ward films per step (default 4)")
     p.add_argument("--ward-films-seed", type=int, default=0,
