@@ -54,6 +54,13 @@ SHOW_COLUMNS = ("plain", *corrupt.WARD, "ward_mix", "ward+affine")
 SHOW_LABEL_PX = 14
 
 
+#: Measured (MODEL_CARD, "A mask head"): from scratch, the consistency target is the untrained
+#: network's own boxes, and the term fights the labels for the first epochs.
+SCRATCH_WARD_FILMS = ("--ward-films from scratch: the network's own boxes are no target yet, and "
+                      "training from scratch with them learned worse (MODEL_CARD, \"A mask head\"); "
+                      "train without them first, then fine-tune with --init and --ward-films")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="heartbatch-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,6 +362,8 @@ def main(argv=None) -> int:
                   + (f" (validation: every {args.holdout_source} image)" if args.holdout_source else "")
                   + (f"; {ward_record['films']} unlabeled ward films of {len(ward_record['patients'])} patients "
                      f"({len(ward_record['held_out_patients'])} patients held out)" if ward_record else ""))
+    if unlabeled is not None and not (args.init or args.resume):
+        console.print(f"[yellow]warning:[/yellow] {SCRATCH_WARD_FILMS}", soft_wrap=True)
     plan = make_plan(args, device, unlabeled)
     try:
         model, config = build_model(args, train_data, val_data, console)

@@ -158,6 +158,7 @@ def test_ward_films_join_training_from_the_fitting_patients_only(data_dir, tmp_p
     out = tmp_path / "run"
     assert train.main(["--data", str(data), "--out", str(out), "--size", "64", "--epochs", "2", "--batch-size", "3",
                        "--threads", "1", "--ward-films", str(ward), "--ward-films-per-step", "2"]) == 0
+    assert "--ward-films from scratch" in " ".join(capsys.readouterr().err.split())  # no --init: warned
     from exporter.ward import patient_split, read_ward
 
     fit, held = patient_split(read_ward(ward), 0)
