@@ -107,6 +107,16 @@ class Unlabeled:
     keys: list[str]
     weight: float = 1.0
     per_step: int = 4
+    ramp_epochs: int = 0
+
+    def weight_at(self, epoch: int) -> float:
+        """The term's weight in ``epoch`` (0-based): ``weight`` after ``ramp_epochs``, before them the
+        sigmoid ramp-up of consistency training, exp(-5 (1 - t)^2), from about 0.007 of it at epoch 0.
+        From scratch the target is the untrained network's own output; the ramp keeps it from pulling
+        against the labels before the network reads boxes."""
+        if epoch >= self.ramp_epochs:
+            return self.weight
+        return self.weight * math.exp(-5.0 * (1.0 - epoch / self.ramp_epochs) ** 2)
 
 
 def unlabeled_batches(unlabeled: Unlabeled, steps: int, gen: torch.Generator):
@@ -215,7 +225,7 @@ def train_one_epoch(model, data: TensorDataset, optimizer, scheduler, gen: torch
         loss = lb + SEG_WEIGHT * ls
         if unlabeled is not None:
             lc = consistency_loss(pred[labeled:], target, seg_logits[labeled:], mask_target)
-            loss = loss + unlabeled.weight * lc
+            loss = loss + unlabeled.weight_at(epoch) * lc
             totals["consistency"] += lc.item()
         if not math.isfinite(loss.item()):
             # checked before any step: the weights, optimizer and schedule stay those of the last

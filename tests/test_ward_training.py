@@ -174,6 +174,16 @@ def test_ward_films_join_training_from_the_fitting_patients_only(data_dir, tmp_p
                        "--ward-films", str(tmp_path / "nowhere")]) == 2
     assert "--ward" in capsys.readouterr().err
 
+    # with a ramp-up the run from scratch is not warned about, and the checkpoint records the ramp
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "ramped"), "--size", "64", "--epochs", "1",
+                       "--batch-size", "3", "--threads", "1", "--ward-films", str(ward), "--ward-films-per-step", "2",
+                       "--ward-films-ramp", "3"]) == 0
+    assert "from scratch" not in capsys.readouterr().err
+    assert torch.load(tmp_path / "ramped" / "last.pt", weights_only=False)["config"]["ward_films"]["ramp_epochs"] == 3
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "bad"), "--size", "64", "--epochs", "1",
+                       "--ward-films", str(ward), "--ward-films-ramp", "-1"]) == 2
+    assert "--ward-films-ramp" in capsys.readouterr().err
+
 
 def test_consistency_term_is_what_the_steps_lower(data_dir):
     """A network that reads boxes, then steps with the consistency term alone (no box labels, no
@@ -221,6 +231,33 @@ def test_consistency_trains_the_mask_head_too(data_dir):
     near = engine.consistency_loss(boxes, boxes, torch.full((2, 3, 16, 16), 2.2), target)
     far = engine.consistency_loss(boxes, boxes, torch.full((2, 3, 16, 16), -2.2), target)
     assert far > near > 0 and engine.consistency_loss(boxes, boxes) == 0
+
+
+def test_ramp_up_raises_the_consistency_weight_to_its_value():
+    """From about 0.7 % of the weight at epoch 0, rising every epoch, the full weight from the end of
+    the ramp; no ramp: the full weight at once."""
+    ramped = engine.Unlabeled(torch.zeros(1, 1, 8, 8), ["a"], weight=2.0, ramp_epochs=10)
+    weights = [ramped.weight_at(e) for e in range(13)]
+    assert weights[0] == pytest.approx(2.0 * np.exp(-5.0))
+    assert all(a < b for a, b in zip(weights[:11], weights[1:11])) and weights[10:] == [2.0] * 3
+    assert engine.Unlabeled(torch.zeros(1, 1, 8, 8), ["a"], weight=2.0).weight_at(0) == 2.0
+
+
+def test_the_steps_use_the_ramped_weight(data_dir):
+    """The loss that is stepped on holds the consistency term at the epoch's ramped weight: tiny at
+    epoch 0, the full weight after the ramp."""
+    torch.manual_seed(0)
+    items = load_labels(data_dir / "cxr-ctr")
+    labeled, films = build_dataset(items[:4], size=64), build_dataset(items[-4:], size=64)
+    cfg = AugmentConfig(rotate_deg=0, translate=0, scale=(1, 1))
+    model = recover.HeartBoxNet(mean=0.5, std=0.25, width=32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay; only the sums are read
+    unlabeled = engine.Unlabeled(films.images, films.keys, weight=3.0, per_step=2, ramp_epochs=5)
+    gen, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+    for epoch, weight in ((0, 3.0 * np.exp(-5.0)), (7, 3.0)):
+        r = engine.train_one_epoch(model, labeled, optimizer, None, gen, 2, cpu, cfg, epoch=epoch, unlabeled=unlabeled)
+        assert r["consistency"] > 0
+        assert r["loss"] == pytest.approx(r["box"] + engine.SEG_WEIGHT * r["seg"] + weight * r["consistency"], rel=1e-5)
 
 
 # --- site adaptation: more labeled films -------------------------------------------
